@@ -1,0 +1,128 @@
+"""Loading MONAI datalists (``{"training": [...], "validation": [...]}``) with errors that name the entry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+
+__all__ = ["DatalistError", "load_datalist", "check_consistent_shapes", "check_channel_count"]
+
+
+class DatalistError(ValueError):
+    """A datalist is missing, malformed, or points at files that do not exist."""
+
+
+def load_datalist(
+    datalist_path: str | Path,
+    split: str = "training",
+    required_keys: Sequence[str] = ("image",),
+    base_dir: str | Path | None = None,
+    check_files: bool = True,
+) -> list[dict]:
+    """Read one split of a datalist JSON and resolve file paths.
+
+    Relative paths are resolved against ``base_dir`` (default: the datalist's folder), as MONAI's
+    ``load_decathlon_datalist`` does. Values of ``required_keys`` are file paths; other keys are passed through.
+
+    Args:
+        datalist_path: path of the JSON file.
+        split: top-level key to read, e.g. ``"training"``, ``"validation"`` or ``"test"``.
+        required_keys: keys every entry must have; their values are paths (or lists of paths).
+        base_dir: folder relative paths are resolved against.
+        check_files: raise when a referenced file does not exist.
+
+    Returns:
+        list of entries (new dicts) with absolute paths for ``required_keys``.
+
+    Raises:
+        DatalistError: the file is missing or not JSON, the split is absent or empty, an entry is not a dict,
+            misses a key, or names a file that does not exist. The message names the entry index and key.
+    """
+    datalist_path = Path(datalist_path)
+    if not datalist_path.is_file():
+        raise DatalistError(f"datalist file not found: '{datalist_path}'.")
+    try:
+        content = json.loads(datalist_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"datalist '{datalist_path}' is not valid JSON: {err}.") from err
+    if not isinstance(content, dict):
+        raise DatalistError(f"datalist '{datalist_path}' must be a JSON object with split keys, got {type(content).__name__}.")
+    if split not in content:
+        available = [k for k, v in content.items() if isinstance(v, list)]
+        raise DatalistError(f"datalist '{datalist_path}' has no '{split}' list (lists present: {available}).")
+    entries = content[split]
+    if not isinstance(entries, list) or len(entries) == 0:
+        raise DatalistError(f"datalist '{datalist_path}': split '{split}' is empty or not a list.")
+
+    base_dir = Path(base_dir) if base_dir is not None else datalist_path.parent
+    resolved = []
+    for index, entry in enumerate(entries):
+        where = f"datalist '{datalist_path}', {split}[{index}]"
+        if not isinstance(entry, dict):
+            raise DatalistError(f"{where}: entry must be an object, got {type(entry).__name__}.")
+        missing = [key for key in required_keys if key not in entry]
+        if missing:
+            raise DatalistError(f"{where}: missing key(s) {missing}; entry has {sorted(entry)}.")
+        item = dict(entry)
+        for key in required_keys:
+            paths = item[key] if isinstance(item[key], list) else [item[key]]
+            absolute = []
+            for value in paths:
+                if not isinstance(value, str) or not value:
+                    raise DatalistError(f"{where}: key '{key}' must be a file path, got {value!r}.")
+                path = Path(value) if Path(value).is_absolute() else base_dir / value
+                if check_files and not path.exists():
+                    raise DatalistError(f"{where}: file for key '{key}' does not exist: '{path}'.")
+                absolute.append(str(path))
+            item[key] = absolute if isinstance(item[key], list) else absolute[0]
+        resolved.append(item)
+    return resolved
+
+
+def check_consistent_shapes(entries: Sequence[dict], key: str, channel_last: bool = True) -> tuple[int, ...]:
+    """Check that the NIfTI files under ``key`` share one shape (read from headers only) and return it.
+
+    Args:
+        entries: resolved datalist entries.
+        key: entry key holding NIfTI paths.
+        channel_last: only used in the message: the last axis is reported as the channel count.
+
+    Raises:
+        DatalistError: a file cannot be read as NIfTI, or its shape differs from the first entry's.
+    """
+    reference_shape: tuple[int, ...] | None = None
+    reference_path = ""
+    for index, entry in enumerate(entries):
+        path = entry[key]
+        try:
+            shape = tuple(int(s) for s in nib.load(path).shape)
+        except Exception as err:  # nibabel raises several types for corrupt files
+            raise DatalistError(f"entry {index}: cannot read '{key}' file '{path}': {err}.") from err
+        if reference_shape is None:
+            reference_shape, reference_path = shape, path
+        elif shape != reference_shape:
+            what = "channel count" if channel_last and shape[:-1] == reference_shape[:-1] else "shape"
+            raise DatalistError(
+                f"entry {index}: '{key}' file '{path}' has {what} {shape}, but '{reference_path}' has {reference_shape}."
+            )
+    if reference_shape is None:
+        raise DatalistError("no entries to check.")
+    return reference_shape
+
+
+def check_channel_count(entries: Sequence[dict], key: str, channel_names: Sequence[str]) -> tuple[int, ...]:
+    """Check that the channel-last NIfTI files under ``key`` all have one shape with ``len(channel_names)`` channels.
+
+    Raises:
+        DatalistError: shapes differ between files, or the channel count is not the configured one.
+    """
+    shape = check_consistent_shapes(entries, key)
+    if shape[-1] != len(channel_names):
+        raise DatalistError(
+            f"'{key}' files have {shape[-1]} channels (last axis of shape {shape}, e.g. '{entries[0][key]}'), "
+            f"but the configuration names {len(channel_names)}: {list(channel_names)}."
+        )
+    return shape

@@ -1,0 +1,162 @@
+"""Evaluation of label-map generators (brainSPADE label LDM): do samples look like the training maps in bulk,
+do they follow the requested lesion sizes, does the autoencoder reconstruct held-out maps, and do samples copy
+training maps?
+
+The ``evaluate`` workflow samples groups of label maps with fixed lesion conditions, collects them with
+:class:`SampleCollector` and writes :func:`label_generator_report` as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from .label_statistics import tissue_fractions
+from .metrics import mean_dice_by_class, nearest_neighbour_distances
+from .writers import write_json
+
+__all__ = ["make_evaluation_specs", "SampleCollector", "lesion_presence", "label_generator_report"]
+
+# a lesion counts as present when at least this many voxels have it as their most probable class
+MIN_LESION_VOXELS = 3
+
+
+def make_evaluation_specs(num_per_group: int, seed: int, lesion_names: Sequence[str]) -> list[dict]:
+    """Sample specifications in groups: ``"no_lesion"`` (all dc 0) and, per lesion, ``"<lesion>_large"`` with that
+    lesion's dc drawn from U(0.5, 1), the upper half of its normalised range, and the other lesions at 0.
+
+    Each spec is ``{"seed", "group", "lesion_size_condition": float32 [1, L]}``; seeds are distinct across groups.
+    """
+    rng = np.random.default_rng(seed)
+    groups = [("no_lesion", None)] + [(f"{name}_large", index) for index, name in enumerate(lesion_names)]
+    specs = []
+    for group_index, (group, lesion_index) in enumerate(groups):
+        for item in range(num_per_group):
+            condition = np.zeros((1, len(lesion_names)), dtype=np.float32)
+            if lesion_index is not None:
+                condition[0, lesion_index] = rng.uniform(0.5, 1.0)
+            specs.append({"seed": seed + group_index * num_per_group + item, "group": group, "lesion_size_condition": condition})
+    return specs
+
+
+class SampleCollector:
+    """Ignite handler keeping every prediction (CPU) with the batch fields named in ``batch_keys``."""
+
+    def __init__(self, batch_keys: Sequence[str] = ("group", "lesion_size_condition")):
+        self.batch_keys = list(batch_keys)
+        self.predictions: list[torch.Tensor] = []
+        self.batch_values: dict[str, list] = {key: [] for key in self.batch_keys}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+
+    def _collect(self, engine: Engine) -> None:
+        output = engine.state.output
+        predictions = [item["pred"] for item in output] if isinstance(output, list) else list(output["pred"])
+        self.predictions.extend(torch.as_tensor(p).detach().cpu().float() for p in predictions)
+        batch = engine.state.batch  # a list of items once the evaluator has decollated it
+        for key in self.batch_keys:
+            values = [item[key] for item in batch] if isinstance(batch, list) else list(batch[key])
+            self.batch_values[key].extend(torch.as_tensor(v).cpu() if not isinstance(v, str) else v for v in values)
+
+
+def lesion_presence(label: torch.Tensor, channel_index: int, min_voxels: int = MIN_LESION_VOXELS) -> bool:
+    """Whether at least ``min_voxels`` voxels of a ``[C, *spatial]`` map have ``channel_index`` as their argmax."""
+    return int((label.argmax(0) == channel_index).sum()) >= min_voxels
+
+
+def _stack(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(m).float() for m in maps])
+
+
+def label_generator_report(
+    collector: SampleCollector,
+    label_statistics: dict,
+    training_maps: Sequence[torch.Tensor],
+    holdout_maps: Sequence[torch.Tensor],
+    autoencoder: torch.nn.Module,
+    report_path: str | Path,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Measure a label generator and write the JSON report.
+
+    Args:
+        collector: samples ``[C, *spatial]`` with their ``group`` and ``lesion_size_condition``.
+        label_statistics: training-set statistics (:func:`~medgen_common.label_statistics.compute_label_statistics`).
+        training_maps: real training label maps ``[C, *spatial]`` (memorisation reference).
+        holdout_maps: held-out real maps ``[C, *spatial]``: autoencoder Dice and the memorisation baseline.
+        autoencoder: the trained ``AutoencoderKL``.
+        report_path: where the JSON goes.
+
+    Report keys: ``tissue_fraction`` (sample vs training mean per channel and relative difference),
+    ``lesion_presence_rate`` per group and lesion, ``lesion_volume_vs_condition`` (Pearson r between requested dc
+    and sampled soft volume / training max, per lesion, over its "large" and "no_lesion" groups),
+    ``autoencoder_dice`` per channel on held-out maps, ``memorisation`` (median nearest-neighbour distance of samples
+    and of held-out maps to the training set, and their ratio).
+    """
+    channels, lesions = label_statistics["channels"], label_statistics["lesions"]
+    lesion_indices = label_statistics["lesion_channel_indices"]
+    samples = _stack(collector.predictions)
+    groups = [str(g) for g in collector.batch_values["group"]]
+    conditions = torch.stack([torch.as_tensor(c).reshape(-1) for c in collector.batch_values["lesion_size_condition"]])
+
+    sample_fractions = np.stack([tissue_fractions(s.numpy()) for s in samples]).mean(0)
+    tissue = {}
+    for index, name in enumerate(channels[1:], start=1):
+        reference = label_statistics["mean_tissue_fraction"][name]
+        tissue[name] = {
+            "samples": float(sample_fractions[index]),
+            "training": reference,
+            "relative_difference": float(abs(sample_fractions[index] - reference) / reference) if reference > 0 else None,
+        }
+
+    presence: dict[str, dict[str, float]] = {}
+    for group in sorted(set(groups)):
+        members = [s for s, g in zip(samples, groups) if g == group]
+        presence[group] = {name: float(np.mean([lesion_presence(m, i) for m in members])) for name, i in zip(lesions, lesion_indices)}
+
+    volume_max = np.asarray(label_statistics["lesion_volume_max"], dtype=float)
+    sampled_dc = samples[:, lesion_indices].flatten(2).sum(2).numpy() / np.where(volume_max > 0, volume_max, np.inf)
+    correlation = {}
+    for column, name in enumerate(lesions):
+        mask = np.array([g in ("no_lesion", f"{name}_large") for g in groups])
+        requested, obtained = conditions.numpy()[mask, column], sampled_dc[mask, column]
+        valid = requested.std() > 0 and obtained.std() > 0
+        correlation[name] = {
+            "pearson_r": float(np.corrcoef(requested, obtained)[0, 1]) if valid else None,
+            "mean_requested": float(requested.mean()),
+            "mean_obtained": float(obtained.mean()),
+        }
+
+    holdout = _stack(holdout_maps)
+    autoencoder.eval()
+    with torch.no_grad():
+        reconstructions = torch.cat(
+            [torch.softmax(autoencoder.reconstruct(batch.to(device)), 1).cpu() for batch in holdout.split(8)]
+        )
+    dice = mean_dice_by_class(reconstructions, holdout, include_background=False)
+    training = _stack(training_maps)
+    distances, _ = nearest_neighbour_distances(samples, training, metric="mse")
+    holdout_distances, _ = nearest_neighbour_distances(holdout, training, metric="mse")
+
+    report = {
+        "num_samples": len(samples),
+        "groups": {group: groups.count(group) for group in sorted(set(groups))},
+        "min_lesion_voxels": MIN_LESION_VOXELS,
+        "tissue_fraction": tissue,
+        "lesion_presence_rate": presence,
+        "lesion_volume_vs_condition": correlation,
+        "autoencoder_dice": {channels[index]: value for index, value in dice.items()},
+        "memorisation": {
+            "median_nn_mse_samples_to_training": float(np.median(distances)),
+            "median_nn_mse_holdout_to_training": float(np.median(holdout_distances)),
+            # as metrics.memorisation_ratio: ~1 healthy, << 1 suggests copying (undefined if holdout duplicates training)
+            "ratio": float(np.median(distances) / np.median(holdout_distances)) if np.median(holdout_distances) > 0 else None,
+        },
+    }
+    write_json(report, report_path)
+    return report

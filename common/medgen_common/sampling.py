@@ -1,0 +1,180 @@
+"""Sampling from latent diffusion bundles inside MONAI's ``SupervisedEvaluator``.
+
+The inference "dataset" is a list of sample specifications (a seed and, optionally, a condition), so each output is
+reproducible on its own: the same seed and condition give the same sample whatever the batch it falls in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer, LatentDiffusionInferer
+from torch import nn
+
+from .engines import apply_output_activation
+from .runtime import autocast_dtype, autocast_enabled
+
+__all__ = ["make_scheduler", "make_sample_specs", "SeededNoisePrepareBatch", "LatentDiffusionSampler"]
+
+
+SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+
+
+def make_scheduler(
+    name: str,
+    num_train_timesteps: int = 1000,
+    schedule: str = "scaled_linear_beta",
+    beta_start: float = 0.0015,
+    beta_end: float = 0.0195,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+):
+    """Build a MONAI noise scheduler by name (``"ddpm"``, ``"ddim"``, ``"pndm"``) with one beta schedule, so a model
+    trained with DDPM can be sampled with any of them. ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
+    latents are not bounded to [-1, 1], so it defaults to False."""
+    import monai.networks.schedulers as schedulers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS)}.")
+    kwargs = dict(num_train_timesteps=num_train_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end)
+    kwargs["prediction_type"] = prediction_type
+    if name in ("ddpm", "ddim"):
+        kwargs["clip_sample"] = clip_sample
+    if name == "pndm":
+        kwargs["skip_prk_steps"] = True
+    return getattr(schedulers, SCHEDULERS[name])(**kwargs)
+
+
+def make_sample_specs(
+    num_samples: int,
+    seed: int = 0,
+    condition: Sequence[float] | None = None,
+    condition_low: Sequence[float] | None = None,
+    condition_high: Sequence[float] | None = None,
+    condition_probability: float = 0.5,
+    condition_name: str = "lesion_size_condition",
+) -> list[dict]:
+    """Build ``num_samples`` specifications ``{"seed": int, condition_name: float32 array [1, L]}``.
+
+    - ``condition`` given: every sample gets it.
+    - otherwise ``condition_low``/``condition_high`` given: each entry is on with ``condition_probability`` and
+      then drawn from U(low, high), else 0 (the brainSPADE sampler's rule).
+    - neither: no condition key (unconditional sampling).
+
+    The seed of sample ``i`` is ``seed + i``; conditions are drawn from ``numpy.random.default_rng(seed)``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    rng = np.random.default_rng(seed)
+    specs = []
+    for index in range(num_samples):
+        spec: dict = {"seed": int(seed) + index}
+        if condition is not None:
+            spec[condition_name] = np.asarray(condition, dtype=np.float32)[None]
+        elif condition_low is not None and condition_high is not None:
+            low, high = np.asarray(condition_low, float), np.asarray(condition_high, float)
+            if low.shape != high.shape or np.any(low > high):
+                raise ValueError(f"condition ranges must have one shape and low <= high, got {low} and {high}.")
+            present = rng.random(low.shape) < condition_probability
+            spec[condition_name] = np.where(present, rng.uniform(low, high), 0.0).astype(np.float32)[None]
+        specs.append(spec)
+    return specs
+
+
+class SeededNoisePrepareBatch:
+    """``prepare_batch`` for sampling: Gaussian noise ``[B, *noise_shape]`` from each item's own seed.
+
+    Returns ``(noise, None, (), {"conditioning": [B, 1, L], "seeds": [B]})``; the conditioning key is only present
+    when ``condition_name`` is set.
+    """
+
+    def __init__(self, noise_shape: Sequence[int], condition_name: str | None = None):
+        self.noise_shape, self.condition_name = [int(s) for s in noise_shape], condition_name
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        seeds = [int(s) for s in torch.as_tensor(batchdata["seed"]).flatten().tolist()]
+        noise = torch.stack(
+            [torch.randn(self.noise_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(device)
+        infer_kwargs: dict = {"seeds": seeds}
+        if self.condition_name is not None:
+            infer_kwargs["conditioning"] = torch.as_tensor(batchdata[self.condition_name]).float().to(device)
+            if infer_kwargs["conditioning"].ndim != 3:
+                raise ValueError(
+                    f"'{self.condition_name}' must batch to [B, 1, L], got shape {tuple(infer_kwargs['conditioning'].shape)}."
+                )
+        return noise, None, (), infer_kwargs
+
+
+class LatentDiffusionSampler(Inferer):
+    """Sample with MONAI's ``LatentDiffusionInferer`` and return decoded outputs as ``MetaTensor`` s.
+
+    Args:
+        autoencoder: trained ``AutoencoderKL`` (decoder used).
+        scheduler: a MONAI scheduler (DDPM, DDIM, PNDM, ...); ``set_timesteps(num_inference_steps)`` is called.
+        num_inference_steps: denoising steps.
+        scale_factor: latent scale used in training.
+        guidance_scale: classifier-free guidance weight; 1 is plain conditional sampling.
+        output_activation: ``"softmax"`` over channels (probabilistic label maps), ``"sigmoid"`` or None.
+        spacing: voxel size in mm written in the output affine.
+        ldm_latent_shape, autoencoder_latent_shape: pad/crop between the autoencoder latent and the diffusion
+            model's input, as in ``LatentDiffusionInferer``.
+        amp: use autocast on CUDA.
+        verbose: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        scheduler,
+        num_inference_steps: int,
+        scale_factor: float = 1.0,
+        guidance_scale: float = 1.0,
+        output_activation: str | None = "softmax",
+        spacing: Sequence[float] | None = None,
+        ldm_latent_shape: Sequence[int] | None = None,
+        autoencoder_latent_shape: Sequence[int] | None = None,
+        amp: bool = True,
+        verbose: bool = True,
+    ):
+        super().__init__()
+        self.autoencoder, self.scheduler = autoencoder, scheduler
+        self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
+        self.output_activation, self.spacing, self.amp, self.verbose = output_activation, spacing, amp, verbose
+        self.inferer = LatentDiffusionInferer(
+            scheduler,
+            scale_factor=float(scale_factor),
+            ldm_latent_shape=list(ldm_latent_shape) if ldm_latent_shape is not None else None,
+            autoencoder_latent_shape=list(autoencoder_latent_shape) if autoencoder_latent_shape is not None else None,
+        )
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, conditioning=None, seeds=None):  # type: ignore[override]
+        self.scheduler.set_timesteps(num_inference_steps=self.num_inference_steps)
+        self.autoencoder.eval()
+        network.eval()
+        device = inputs.device
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=autocast_enabled(device, self.amp)):
+            decoded = self.inferer.sample(
+                input_noise=inputs,
+                autoencoder_model=self.autoencoder,
+                diffusion_model=network,
+                scheduler=self.scheduler,
+                conditioning=conditioning,
+                mode="crossattn",
+                cfg=self.guidance_scale if conditioning is not None and self.guidance_scale != 1.0 else None,
+                verbose=self.verbose,
+            )
+        decoded = apply_output_activation(torch.as_tensor(decoded).float(), self.output_activation)
+        spatial_dims = decoded.ndim - 2
+        spacing = list(self.spacing) if self.spacing is not None else [1.0] * spatial_dims
+        affine = torch.diag(torch.tensor([*spacing[:3], *([1.0] * (3 - len(spacing[:3]))), 1.0], dtype=torch.float64))
+        names = [f"sample_{s:06d}" for s in seeds] if seeds is not None else [f"sample_{i:06d}" for i in range(len(decoded))]
+        output = MetaTensor(decoded, affine=affine)
+        output.is_batch = True
+        output.meta["affine"] = affine.unsqueeze(0).repeat(len(decoded), 1, 1)
+        output.meta["filename_or_obj"] = names
+        return output

@@ -1,0 +1,247 @@
+"""Transforms shared by the bundles: probabilistic label maps, intensity normalisation, divisible shapes, conditions.
+
+Label maps are channel-first in memory, ``[C, *spatial]``, with channel 0 the background and the channels of
+every voxel summing to 1 ("probabilistic" or partial-volume maps). On disk they are channel-last NIfTI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, ResizeWithPadOrCrop
+from monai.utils import convert_to_tensor
+
+__all__ = [
+    "normalise_probabilities",
+    "probabilities_to_one_hot",
+    "one_hot_to_probabilities",
+    "divisible_shape",
+    "NormaliseProbabilitiesd",
+    "ProbabilitiesToOneHotd",
+    "ModalityNormalised",
+    "DivisiblePadOrCropd",
+    "LesionSizeConditiond",
+    "CheckFinited",
+]
+
+
+def normalise_probabilities(label: torch.Tensor, recompute_background: bool = True) -> torch.Tensor:
+    """Clip a label map to [0, 1] and make its channels sum to 1.
+
+    Args:
+        label: ``[C, *spatial]`` (or ``[B, C, *spatial]`` with ``channel_dim`` 1 handled by the caller).
+        recompute_background: set channel 0 to ``1 - sum(other channels)`` (clipped at 0) before renormalising,
+            as the brainSPADE loaders do; otherwise only renormalise.
+    """
+    label = torch.clamp(label.float(), 0.0, 1.0)
+    if recompute_background:
+        foreground_sum = label[1:].sum(0, keepdim=True)
+        label = torch.cat([torch.clamp(1.0 - foreground_sum, min=0.0), label[1:]], 0)
+    total = label.sum(0, keepdim=True)
+    # voxels with no mass at all become background
+    empty = total <= 1e-8
+    label = torch.where(empty, torch.zeros_like(label), label / total.clamp_min(1e-8))
+    label[0:1] = torch.where(empty, torch.ones_like(label[0:1]), label[0:1])
+    return label
+
+
+def probabilities_to_one_hot(label: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Hard one-hot map of the most probable class along ``dim`` (same shape and dtype as the input)."""
+    index = label.argmax(dim=dim, keepdim=True)
+    return torch.zeros_like(label).scatter_(dim, index, 1.0)
+
+
+def one_hot_to_probabilities(one_hot: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """Turn a hard one-hot map ``[C, *spatial]`` into a probabilistic one by Gaussian smoothing each channel.
+
+    Args:
+        one_hot: hard map, channel-first.
+        sigma: smoothing width in voxels; 0 returns the map as float.
+    """
+    one_hot = one_hot.float()
+    if sigma <= 0:
+        return one_hot
+    from monai.transforms import GaussianSmooth
+
+    smoothed = GaussianSmooth(sigma=sigma)(one_hot)
+    return normalise_probabilities(convert_to_tensor(smoothed, track_meta=False), recompute_background=False)
+
+
+def divisible_shape(spatial_shape: Sequence[int], k: int | Sequence[int], method: str = "pad") -> tuple[int, ...]:
+    """Smallest (``method="pad"``) or largest (``"crop"``) shape whose every size is a multiple of ``k``."""
+    factors = [k] * len(spatial_shape) if isinstance(k, int) else list(k)
+    if len(factors) != len(spatial_shape):
+        raise ValueError(f"k has {len(factors)} entries but the shape {tuple(spatial_shape)} has {len(spatial_shape)}.")
+    if method == "pad":
+        return tuple(int(-(-s // f) * f) for s, f in zip(spatial_shape, factors))
+    if method == "crop":
+        shape = tuple(int((s // f) * f) for s, f in zip(spatial_shape, factors))
+        if min(shape) < 1:
+            raise ValueError(f"cannot crop {tuple(spatial_shape)} to a multiple of {factors}: a size would be 0.")
+        return shape
+    raise ValueError(f"method must be 'pad' or 'crop', got '{method}'.")
+
+
+class NormaliseProbabilitiesd(MapTransform):
+    """Clip probabilistic label maps to [0, 1], recompute the background and renormalise (see
+    :func:`normalise_probabilities`)."""
+
+    def __init__(self, keys: KeysCollection, recompute_background: bool = True, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.recompute_background = recompute_background
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            normalised = normalise_probabilities(convert_to_tensor(label, track_meta=False), self.recompute_background)
+            d[key] = MetaTensor(normalised, meta=label.meta) if isinstance(label, MetaTensor) else normalised
+        return d
+
+
+class ProbabilitiesToOneHotd(MapTransform):
+    """Replace probabilistic label maps ``[C, *spatial]`` by the one-hot map of their argmax."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = probabilities_to_one_hot(d[key], dim=0)
+        return d
+
+
+class ModalityNormalised(MapTransform):
+    """Per-modality intensity normalisation to roughly [0, 1].
+
+    - ``"mri"``: percentiles ``lower``-``upper`` (default 0-99.5) of the non-zero voxels map to 0-1, clipped;
+      MR intensities have no absolute scale, so each image is scaled on its own.
+    - ``"ct"``: Hounsfield units ``window`` (default [-1000, 1000]) map to 0-1, clipped.
+    - ``"ultrasound"``: 8-bit grey levels divided by 255.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        modality: str = "mri",
+        lower: float = 0.0,
+        upper: float = 99.5,
+        window: Sequence[float] = (-1000.0, 1000.0),
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if modality not in ("mri", "ct", "ultrasound"):
+            raise ValueError(f"modality must be 'mri', 'ct' or 'ultrasound', got '{modality}'.")
+        self.modality, self.lower, self.upper, self.window = modality, lower, upper, tuple(window)
+
+    def _normalise(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.float()
+        if self.modality == "ct":
+            low, high = self.window
+        elif self.modality == "ultrasound":
+            low, high = 0.0, 255.0
+        else:
+            values = image[image != 0]
+            if values.numel() == 0:
+                return torch.zeros_like(image)
+            low = float(torch.quantile(values.flatten()[: 2**24], self.lower / 100.0)) if self.lower > 0 else 0.0
+            high = float(torch.quantile(values.flatten()[: 2**24], self.upper / 100.0))
+        if high <= low:
+            return torch.zeros_like(image)
+        return torch.clamp((image - low) / (high - low), 0.0, 1.0)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._normalise(d[key])
+        return d
+
+
+class DivisiblePadOrCropd(MapTransform):
+    """Symmetrically pad (``method="pad"``) or centre-crop (``"crop"``) every spatial size to a multiple of ``k``,
+    e.g. the network's total down-sampling factor. Padding uses zeros, except channel 0 of label maps when
+    ``background_fill_keys`` names them, which is padded with 1 so the maps still sum to 1."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        k: int | Sequence[int],
+        method: str = "pad",
+        background_fill_keys: KeysCollection = (),
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.k, self.method = k, method
+        self.background_fill_keys = {background_fill_keys} if isinstance(background_fill_keys, str) else set(background_fill_keys)
+        divisible_shape([1], 1, method)  # validates the method name early
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            target = divisible_shape(image.shape[1:], self.k, self.method)
+            resized = ResizeWithPadOrCrop(spatial_size=target)(image)
+            if key in self.background_fill_keys and self.method == "pad":
+                padded_region = ResizeWithPadOrCrop(spatial_size=target)(torch.ones_like(image[:1])) == 0
+                resized[0:1] = torch.where(padded_region, torch.ones_like(resized[0:1]), resized[0:1])
+            d[key] = resized
+        return d
+
+
+class LesionSizeConditiond(MapTransform):
+    """Lesion-size condition of brainSPADE (chapter 1, Eq. 1.3): ``dc_l = soft volume of lesion l / dataset max``.
+
+    Reads a probabilistic label map ``[C, *spatial]`` and writes a ``[1, L]`` float tensor (one token of ``L``
+    lesion sizes, the cross-attention context shape) under ``output_key``. Values are in [0, 1] for maps of the
+    training set, 0 meaning no lesion. Volumes are soft sums in voxels of the label's own grid.
+
+    Args:
+        label_key: key of the label map.
+        lesion_channel_indices: channel index of each lesion, in condition order (e.g. wmh, tumour, oedema,
+            enhancing).
+        max_volume: per-lesion maximum soft volume over the training set (voxels), same order.
+        output_key: where to write the condition.
+    """
+
+    def __init__(
+        self,
+        label_key: str,
+        lesion_channel_indices: Sequence[int],
+        max_volume: Sequence[float],
+        output_key: str = "lesion_size_condition",
+    ):
+        super().__init__(label_key)
+        if len(lesion_channel_indices) != len(max_volume):
+            raise ValueError(
+                f"{len(lesion_channel_indices)} lesion channels but {len(max_volume)} max volumes were given."
+            )
+        self.label_key, self.output_key = label_key, output_key
+        self.lesion_channel_indices = [int(i) for i in lesion_channel_indices]
+        # a lesion never seen in training has max 0: its condition is always 0
+        self.max_volume = torch.tensor([float(v) if v > 0 else float("inf") for v in max_volume])
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        label = convert_to_tensor(d[self.label_key], track_meta=False)
+        if max(self.lesion_channel_indices) >= label.shape[0]:
+            raise ValueError(
+                f"lesion channels {self.lesion_channel_indices} do not exist in a label map with {label.shape[0]} channels."
+            )
+        volume = label[self.lesion_channel_indices].float().flatten(1).sum(1)
+        d[self.output_key] = (volume / self.max_volume).clamp(0.0, 1.0).unsqueeze(0)
+        return d
+
+
+class CheckFinited(MapTransform):
+    """Refuse images holding NaN or Inf, naming the file they came from."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        for key in self.key_iterator(data):
+            value = data[key]
+            array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+            if not torch.isfinite(array).all():
+                source = getattr(value, "meta", {}).get("filename_or_obj", "<in memory>")
+                raise ValueError(f"'{key}' from '{source}' contains NaN or Inf values.")
+        return dict(data)

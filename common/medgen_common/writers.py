@@ -1,0 +1,176 @@
+"""Writers for results a person opens: NIfTI volumes with a correct affine, PNG grids for a quick look.
+
+Every file is written to a temporary name in the target folder and renamed into place, so a killed run never
+leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "atomic_path",
+    "save_nifti",
+    "label_map_to_rgb",
+    "image_to_uint8",
+    "save_png_grid",
+    "write_json",
+    "read_json",
+    "LABEL_PALETTE",
+]
+
+# background black, then distinct colours for tissue and lesion channels
+LABEL_PALETTE = np.array(
+    [
+        [0, 0, 0], [70, 130, 180], [140, 140, 140], [235, 235, 235], [255, 215, 0],
+        [220, 20, 60], [50, 205, 50], [255, 140, 0], [148, 0, 211], [0, 206, 209],
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds, delete it otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)  # keep ".nii.gz" so writers pick the right format
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _to_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().float().numpy() if array.is_floating_point() else array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def save_nifti(
+    array, path: str | Path, affine=None, spacing: Sequence[float] | None = None, channel_first: bool = True
+) -> Path:
+    """Save an image or label map as NIfTI with a meaningful affine.
+
+    Args:
+        array: ``[*spatial]`` or, with channels, ``[C, *spatial]`` (``channel_first``) or ``[*spatial, C]``.
+            2D arrays get a singleton z axis, so a 2D label map ``[C, H, W]`` is written ``H x W x 1 x C``.
+        path: output ``.nii`` or ``.nii.gz`` path.
+        affine: 4x4 voxel-to-world (RAS, mm) matrix; default ``diag(spacing)``.
+        spacing: voxel size in mm, used when ``affine`` is None (default 1 mm).
+        channel_first: whether ``array`` has a leading channel axis.
+    """
+    data = _to_numpy(array)
+    if channel_first:
+        data = np.moveaxis(data, 0, -1)
+        spatial_ndim = data.ndim - 1
+        if spatial_ndim == 2:
+            data = data[:, :, None, :]
+    elif data.ndim == 2:
+        data = data[:, :, None]
+    if affine is None:
+        spacing = list(spacing) if spacing is not None else [1.0, 1.0, 1.0]
+        affine = np.diag([*spacing, *([1.0] * (3 - len(spacing))), 1.0])
+    affine = _to_numpy(affine).astype(np.float64)
+    if affine.shape != (4, 4):  # 2D affines (3x3) get a z row and column
+        full = np.eye(4)
+        full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+        affine = full
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
+    return Path(path)
+
+
+def label_map_to_rgb(label: np.ndarray | torch.Tensor, palette: np.ndarray = LABEL_PALETTE) -> np.ndarray:
+    """Colour a probabilistic or one-hot label map ``[C, H, W]`` by its argmax, returning ``[H, W, 3]`` uint8."""
+    label = _to_numpy(label)
+    if label.shape[0] > len(palette):
+        raise ValueError(f"the palette has {len(palette)} colours but the label map has {label.shape[0]} channels.")
+    return palette[label.argmax(0)]
+
+
+def image_to_uint8(image: np.ndarray | torch.Tensor, value_range: Sequence[float] | None = None) -> np.ndarray:
+    """Scale a grey image ``[H, W]`` (or ``[1, H, W]``) to uint8 ``[H, W, 3]``; default range: the image's min-max."""
+    image = _to_numpy(image).astype(np.float32)
+    if image.ndim == 3:
+        image = image[0]
+    low, high = value_range if value_range is not None else (float(image.min()), float(image.max()))
+    scaled = np.clip((image - low) / max(high - low, 1e-8), 0, 1)
+    return np.repeat((scaled * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _middle_axial_slice(array: np.ndarray) -> np.ndarray:
+    """``[C, H, W, D]`` -> ``[C, H, W]`` at the middle of the last axis; 2D input is returned unchanged."""
+    return array[..., array.shape[-1] // 2] if array.ndim == 4 else array
+
+
+def save_png_grid(
+    items: Sequence,
+    path: str | Path,
+    kind: str = "image",
+    ncols: int = 8,
+    value_range: Sequence[float] | None = None,
+    upscale: int = 2,
+) -> Path:
+    """Write a grid of 2D images or label maps as one PNG (3D inputs show their middle axial slice).
+
+    Args:
+        items: each ``[C, H, W]`` or ``[C, H, W, D]``.
+        path: output PNG.
+        kind: ``"image"`` (grey, channel 0) or ``"label"`` (argmax colours).
+        ncols: grid columns.
+        value_range: intensity window for images; default per image min-max.
+        upscale: nearest-neighbour magnification so small demo images are visible.
+    """
+    if len(items) == 0:
+        raise ValueError("save_png_grid needs at least one item.")
+    tiles = []
+    for item in items:
+        array = np.rot90(_middle_axial_slice(_to_numpy(item)), k=1, axes=(-2, -1))  # RAS x-y -> image rows/cols
+        tiles.append(label_map_to_rgb(array) if kind == "label" else image_to_uint8(array[0], value_range))
+    height, width = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    ncols = min(ncols, len(tiles))
+    nrows = -(-len(tiles) // ncols)
+    grid = np.zeros((nrows * (height + 2), ncols * (width + 2), 3), dtype=np.uint8)
+    for index, tile in enumerate(tiles):
+        row, col = divmod(index, ncols)
+        grid[row * (height + 2) : row * (height + 2) + tile.shape[0], col * (width + 2) : col * (width + 2) + tile.shape[1]] = tile
+    image = Image.fromarray(grid)
+    if upscale > 1:
+        image = image.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+    return Path(path)
+
+
+def write_json(content, path: str | Path) -> Path:
+    """Write ``content`` as indented JSON, atomically."""
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(content, indent=2))
+    return Path(path)
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """Read JSON, with a message naming ``what`` the file is when it does not exist (e.g. a training output)."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at '{path}'.")
+    return json.loads(path.read_text())

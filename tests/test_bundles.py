@@ -1,0 +1,219 @@
+"""The bundle harness: every bundle under bundles/ is checked the same way, from its configs/workflows.json.
+
+For each bundle: required files; metadata against the project's schema and MONAI's official one; metadata shapes
+agree with the full-scale configs; every config parses and every network instantiates; MONAI's
+verify_net_in_out; each training stage runs two iterations on CPU through `python -m monai.bundle run` and writes
+its checkpoint; inference loads it and writes outputs of the declared shape and dtype; the multi-GPU override runs
+under torchrun with two gloo processes; the evaluate workflow writes its report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tools import bundles as harness
+
+BUNDLES = harness.discover_bundles()
+BUNDLE_IDS = [path.name for path in BUNDLES]
+REQUIRED_FILES = [
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/evaluate.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "configs/workflows.json",
+    "docs/README.md",
+]
+# two iterations of one epoch on a couple of samples, on the CPU
+TEST_OVERRIDES = {"epochs": 1, "epoch_length": 2, "batch_size": 2, "val_interval": 1, "device_name": "cpu", "num_threads": 1}
+TEST_INFERENCE_OVERRIDES = {"device_name": "cpu", "num_threads": 1, "num_samples": 2, "batch_size": 2, "num_inference_steps": 2}
+
+
+def test_bundles_are_discovered():
+    assert BUNDLES, "no bundle with configs/metadata.json under bundles/"
+
+
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_required_files_exist(bundle_root):
+    missing = [name for name in REQUIRED_FILES if not (bundle_root / name).is_file()]
+    assert not missing, f"{bundle_root.name} lacks {missing}"
+    assert list((bundle_root / "configs").glob("train*.json")), f"{bundle_root.name} has no train*.json"
+
+
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_metadata_follows_project_schema(bundle_root):
+    harness.validate_metadata(bundle_root)
+
+
+@pytest.mark.skipif(not harness.OFFICIAL_METADATA_SCHEMA.is_file(), reason="../shared/schemas is not beside the repository")
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_metadata_follows_official_monai_schema(bundle_root):
+    # an existing --filepath makes MONAI skip the download and validate against it
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(bundle_root / "configs/metadata.json"),
+         "--filepath", str(harness.OFFICIAL_METADATA_SCHEMA)],
+        capture_output=True, text=True, env=harness.worker_environment(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metadata is verified with no error" in (result.stdout + result.stderr)
+
+
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_metadata_shapes_follow_full_scale_configs(bundle_root):
+    manifest = harness.load_manifest(bundle_root)
+    configs = harness.config_paths(bundle_root, manifest["inference"]["config_files"], demo=False)
+    assert harness.declared_shape_mismatches(bundle_root, configs) == []
+
+
+def _workflow_config_lists(bundle_root: Path) -> dict[str, list[str]]:
+    manifest = harness.load_manifest(bundle_root)
+    workflows = {f"train_{stage['name']}": stage["config_files"] for stage in manifest["training"]}
+    workflows["inference"] = manifest["inference"]["config_files"]
+    workflows["evaluate"] = manifest["evaluate"]["config_files"]
+    return workflows
+
+
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+@pytest.mark.parametrize("demo", [True, False], ids=["demo", "full"])
+def test_configs_parse_and_networks_instantiate(bundle_root, demo):
+    from monai.bundle import ConfigParser
+
+    for workflow, files in _workflow_config_lists(bundle_root).items():
+        parser = ConfigParser()
+        parser.read_config(harness.config_paths(bundle_root, files, demo=demo))
+        parser["bundle_root"] = str(bundle_root)
+        network_ids = [key for key in parser.get() if key.endswith("_def")]
+        assert network_ids, f"{workflow}: no *_def network in {files}"
+        if not demo and workflow != "inference":
+            continue  # full-scale networks are instantiated once, from the inference config
+        for network_id in network_ids:
+            network = parser.get_parsed_content(network_id)
+            assert isinstance(network, torch.nn.Module), f"{workflow}: {network_id} is {type(network)}"
+
+
+def _fake_forward_args(spec: dict) -> dict:
+    return {
+        name: torch.zeros(arg["shape"], dtype=getattr(torch, arg["dtype"])) for name, arg in spec.get("extra_forward_args", {}).items()
+    }
+
+
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_networks_match_declared_input_and_output(bundle_root):
+    """MONAI's verify_net_in_out on each network at full scale (it reads `network_data_format`, so each network's
+    own `*_data_format` is passed in its place); networks whose `method` is not `forward` get the same check here."""
+    from monai.bundle import ConfigParser, verify_net_in_out
+
+    manifest = harness.load_manifest(bundle_root)
+    meta_file = str(bundle_root / "configs/metadata.json")
+    metadata = json.loads(Path(meta_file).read_text())
+    configs = harness.config_paths(bundle_root, manifest["inference"]["config_files"], demo=False)
+    for network_id, spec in manifest["networks"].items():
+        data_format = metadata[spec["data_format"]]
+        image, pred = data_format["inputs"]["image"], data_format["outputs"]["pred"]
+        method = spec.get("method", "forward")
+        if method == "forward":
+            verify_net_in_out(
+                net_id=network_id, meta_file=meta_file, config_file=configs, device="cpu",
+                extra_forward_args=_fake_forward_args(spec), bundle_root=str(bundle_root),
+                **{"_meta_#network_data_format": data_format},
+            )  # fmt: skip
+            continue
+        parser = ConfigParser()
+        parser.read_config(configs)
+        network = parser.get_parsed_content(network_id).eval()
+        with torch.no_grad():
+            output = getattr(network, method)(torch.rand(1, image["num_channels"], *image["spatial_shape"]))
+        assert output.shape[1] == pred["num_channels"], f"{network_id}.{method}: {output.shape[1]} channels"
+        assert list(output.shape[2:]) == list(pred["spatial_shape"]), f"{network_id}.{method}: shape {output.shape}"
+        assert str(output.dtype).replace("torch.", "") == pred["dtype"]
+
+
+# --- workflows run end to end through `python -m monai.bundle run`, on a copy of the bundle and tiny demo data ---
+
+
+@pytest.fixture(scope="module", params=BUNDLES, ids=BUNDLE_IDS)
+def trained_bundle(request, tmp_path_factory):
+    """A copy of the bundle, its demo data (few subjects) and every training stage run for two iterations."""
+    source = request.param
+    manifest = harness.load_manifest(source)
+    work = tmp_path_factory.mktemp(source.name)
+    bundle_root = work / source.name
+    shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))
+    dataset_dir = harness.make_demo_dataset(manifest["demo_data"], work / "data", num_subjects=4)
+    overrides = dict(TEST_OVERRIDES, dataset_dir=str(dataset_dir))
+    for stage in manifest["training"]:
+        harness.run_workflow(
+            bundle_root, harness.config_paths(bundle_root, stage["config_files"]), run_id="training", overrides=overrides,
+            log_file=work / f"train_{stage['name']}.log",
+        )  # fmt: skip
+    return bundle_root, manifest, dataset_dir
+
+
+def test_training_stages_write_loadable_checkpoints(trained_bundle):
+    bundle_root, manifest, _ = trained_bundle
+    for stage in manifest["training"]:
+        checkpoint = bundle_root / stage["checkpoint"]
+        assert checkpoint.is_file(), f"stage {stage['name']} wrote no {stage['checkpoint']}"
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def _expected_output_format(bundle_root: Path, config_files: list[str], overrides: dict) -> tuple[int, list[int], str]:
+    """Channels, spatial shape and dtype the post-processed output must have under the demo override."""
+    manifest = harness.load_manifest(bundle_root)
+    metadata = json.loads((bundle_root / "configs/metadata.json").read_text())
+    declared = manifest["declared_shapes"]
+    output = "network_data_format#post_processed_outputs#pred"
+    channels_ref, shape_ref = declared[f"{output}#num_channels"], declared[f"{output}#spatial_shape"]
+    values = harness.parse_config_values(bundle_root, config_files, [channels_ref[1:], shape_ref[1:]], overrides)
+    dtype = metadata["network_data_format"]["post_processed_outputs"]["pred"]["dtype"]
+    return int(values[channels_ref[1:]]), list(values[shape_ref[1:]]), dtype
+
+
+def test_inference_writes_outputs_of_declared_shape_and_dtype(trained_bundle, tmp_path):
+    bundle_root, manifest, dataset_dir = trained_bundle
+    configs = harness.config_paths(bundle_root, manifest["inference"]["config_files"])
+    overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir), output_dir=str(tmp_path))
+    harness.run_workflow(bundle_root, configs, overrides=overrides, log_file=tmp_path / "inference.log")
+    outputs = sorted(tmp_path.glob(manifest["inference"]["output_glob"]))
+    assert len(outputs) == TEST_INFERENCE_OVERRIDES["num_samples"]
+    num_channels, spatial_shape, dtype = _expected_output_format(bundle_root, configs, overrides)
+    harness.check_output_files(outputs, num_channels, spatial_shape, dtype)
+    assert (tmp_path / manifest["inference"]["preview"]).is_file()
+
+
+def test_evaluate_writes_report(trained_bundle, tmp_path):
+    bundle_root, manifest, dataset_dir = trained_bundle
+    configs = harness.config_paths(bundle_root, manifest["evaluate"]["config_files"])
+    overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir), output_dir=str(tmp_path))
+    overrides.update(manifest["evaluate"].get("test_overrides", {}))
+    harness.run_workflow(bundle_root, configs, overrides=overrides, log_file=tmp_path / "evaluate.log")
+    report = json.loads((tmp_path / manifest["evaluate"]["report"]).read_text())
+    assert report, "empty evaluation report"
+
+
+def test_multi_gpu_override_runs_under_torchrun(trained_bundle, tmp_path):
+    """Every training stage with multi_gpu_train.json: two gloo processes, one iteration each."""
+    bundle_root, manifest, dataset_dir = trained_bundle
+    for stage in manifest["training"]:
+        files = stage["config_files"] + stage.get("multi_gpu_config_files", ["configs/multi_gpu_train.json"])
+        overrides = dict(TEST_OVERRIDES, epoch_length=1, dataset_dir=str(dataset_dir), ckpt_dir=str(tmp_path / "models"))
+        # later stages read the checkpoints of earlier ones from ckpt_dir; this stage's own must be written anew
+        shutil.copytree(bundle_root / "models", tmp_path / "models", dirs_exist_ok=True)
+        checkpoint = tmp_path / "models" / Path(stage["checkpoint"]).name
+        checkpoint.unlink()
+        harness.run_workflow(
+            bundle_root, harness.config_paths(bundle_root, files), run_id="training", overrides=overrides,
+            nproc_per_node=2, log_file=tmp_path / f"ddp_{stage['name']}.log",
+        )  # fmt: skip
+        assert checkpoint.is_file(), f"torchrun stage {stage['name']} wrote no {checkpoint.name}"
