@@ -116,8 +116,9 @@ class ProbabilitiesToOneHotd(MapTransform):
 class ModalityNormalised(MapTransform):
     """Per-modality intensity normalisation to roughly [0, 1].
 
-    - ``"mri"``: percentiles ``lower``-``upper`` (default 0-99.5) of the non-zero voxels map to 0-1, clipped;
-      MR intensities have no absolute scale, so each image is scaled on its own.
+    - ``"mri"``: the ``upper`` percentile (default 99.5) of the non-zero voxels maps to 1 and 0 stays 0 (with
+      ``lower`` > 0, the ``lower`` percentile maps to 0 instead), clipped; MR intensities have no absolute scale,
+      so each image is scaled on its own.
     - ``"ct"``: Hounsfield units ``window`` (default [-1000, 1000]) map to 0-1, clipped.
     - ``"ultrasound"``: 8-bit grey levels divided by 255.
     """
@@ -219,6 +220,8 @@ class LesionSizeConditiond(MapTransform):
             )
         self.label_key, self.output_key = label_key, output_key
         self.lesion_channel_indices = [int(i) for i in lesion_channel_indices]
+        if any(i < 0 for i in self.lesion_channel_indices):
+            raise ValueError(f"lesion channel indices must be >= 0, got {self.lesion_channel_indices}.")
         # a lesion never seen in training has max 0: its condition is always 0
         self.max_volume = torch.tensor([float(v) if v > 0 else float("inf") for v in max_volume])
 
