@@ -1,28 +1,20 @@
 """Shared code of the medgen-bundles collection: runtime settings, datalists, transforms, losses, engines,
 sampling, metrics, writers, evaluation and the demo-data simulators. Bundles name these from their configs
-(``"_target_": "medgen_common.transforms.NormaliseProbabilitiesd"`` or ``"$medgen_common.select_device('auto')"``)."""
+(``"_target_": "medgen_common.transforms.NormaliseProbabilitiesd"`` or ``"$medgen_common.select_device('auto')"``).
 
-from . import (
-    datalist,
-    engines,
-    handlers,
-    label_evaluation,
-    label_statistics,
-    losses,
-    metrics,
-    runtime,
-    sampling,
-    transforms,
-    writers,
-)
-from .runtime import autocast_dtype, autocast_enabled, configure_threads, seed_everything, select_device
+Submodules load on first use, so ``import medgen_common`` is cheap (the demo-data tools need neither torch nor
+MONAI's engines).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "autocast_dtype",
-    "autocast_enabled",
-    "configure_threads",
+
+_SUBMODULES = (
     "datalist",
+    "demo_data",
     "engines",
     "handlers",
     "label_evaluation",
@@ -31,8 +23,16 @@ __all__ = [
     "metrics",
     "runtime",
     "sampling",
-    "seed_everything",
-    "select_device",
     "transforms",
     "writers",
-]
+)
+_RUNTIME_FUNCTIONS = ("autocast_dtype", "autocast_enabled", "configure_threads", "seed_everything", "select_device")
+__all__ = list(_SUBMODULES + _RUNTIME_FUNCTIONS)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _RUNTIME_FUNCTIONS:
+        return getattr(importlib.import_module(".runtime", __name__), name)
+    raise AttributeError(f"module 'medgen_common' has no attribute '{name}'")

@@ -1,0 +1,7 @@
+"""Synthetic demo datasets, one generator per modality: ``GENERATORS[modality](out_dir, n_subjects=..., seed=...)``
+writes the files and returns the datalist paths (see ``brain.make_brain_dataset`` for the arguments)."""
+
+from .brain import make_brain_dataset
+
+GENERATORS = {"brain": make_brain_dataset}
+__all__ = ["GENERATORS", "make_brain_dataset"]
