@@ -91,7 +91,7 @@ def run_workflow(
         run_id: workflow entry (``run``, ``training``, ...).
         overrides: ``--key value`` pairs; lists and booleans are passed as JSON.
         nproc_per_node: run with ``torch.distributed.run`` and this many processes.
-        log_file: also write the combined output here.
+        log_file: write the combined output here while the workflow runs (otherwise it is captured).
 
     Raises:
         BundleRunError: non-zero exit, with the command and the last 60 lines of output.
@@ -109,13 +109,15 @@ def run_workflow(
     ]  # fmt: skip
     for key, value in (overrides or {}).items():
         command += [f"--{key}", _format_override(value)]
-    result = subprocess.run(
-        command, cwd=bundle_root, env=dict(env or worker_environment()), capture_output=True, text=True, timeout=timeout
-    )
-    output = result.stdout + result.stderr
-    if log_file is not None:
+    environment = dict(env or worker_environment())
+    if log_file is None:
+        result = subprocess.run(command, cwd=bundle_root, env=environment, capture_output=True, text=True, timeout=timeout)
+        output = result.stdout + result.stderr
+    else:  # written as it runs, so long runs can be followed with `tail -f`
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(log_file).write_text(output)
+        with open(log_file, "w") as stream:
+            result = subprocess.run(command, cwd=bundle_root, env=environment, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout)
+        output = Path(log_file).read_text(errors="replace")
     if result.returncode != 0:
         tail = "\n".join(output.splitlines()[-60:])
         raise BundleRunError(f"workflow failed (exit {result.returncode}): {' '.join(command)}\n{tail}")

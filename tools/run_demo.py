@@ -63,7 +63,7 @@ def run_bundle(source: Path, out_dir: Path, subjects: int | None, device: str, s
     common = {"dataset_dir": str(dataset_dir), "device_name": device, "seed": seed}
 
     for stage in manifest["training"]:
-        print(f"[{source.name}] training stage '{stage['name']}' ...", flush=True)
+        print(f"[{source.name}] training stage '{stage['name']}' (log: {work / 'logs' / ('train_' + stage['name'] + '.log')}) ...", flush=True)
         start = time.perf_counter()
         harness.run_workflow(
             bundle_root, harness.config_paths(bundle_root, stage["config_files"]), run_id="training",
