@@ -98,10 +98,12 @@ def init_distributed() -> None:
 
 
 def finalize_distributed() -> None:
-    """Leave the process group if one was joined."""
+    """Wait for every rank, then leave the process group if one was joined (a rank that leaves while others still
+    save checkpoints has aborted gloo at exit)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
