@@ -57,35 +57,23 @@ def run_bundle(source: Path, out_dir: Path, subjects: int | None, device: str, s
     shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))
     timings = {}
 
+    def timed_run(name: str, config_files: list[str], run_id: str = "run", **overrides) -> None:
+        print(f"[{source.name}] {name} (log: {work / 'logs' / (name + '.log')}) ...", flush=True)
+        start = time.perf_counter()
+        harness.run_workflow(
+            bundle_root, harness.config_paths(bundle_root, config_files), run_id=run_id,
+            overrides=dict(common, **overrides), log_file=work / "logs" / f"{name}.log",
+        )  # fmt: skip
+        timings[f"{name}_s"] = time.perf_counter() - start
+
     start = time.perf_counter()
     dataset_dir = harness.make_demo_dataset(manifest["demo_data"], work / "data", num_subjects=subjects, seed=seed)
     timings["demo_data_s"] = time.perf_counter() - start
     common = {"dataset_dir": str(dataset_dir), "device_name": device, "seed": seed}
-
     for stage in manifest["training"]:
-        print(f"[{source.name}] training stage '{stage['name']}' (log: {work / 'logs' / ('train_' + stage['name'] + '.log')}) ...", flush=True)
-        start = time.perf_counter()
-        harness.run_workflow(
-            bundle_root, harness.config_paths(bundle_root, stage["config_files"]), run_id="training",
-            overrides=common, log_file=work / "logs" / f"train_{stage['name']}.log",
-        )  # fmt: skip
-        timings[f"train_{stage['name']}_s"] = time.perf_counter() - start
-
-    print(f"[{source.name}] sampling ...", flush=True)
-    start = time.perf_counter()
-    harness.run_workflow(
-        bundle_root, harness.config_paths(bundle_root, manifest["inference"]["config_files"]),
-        overrides=dict(common, output_dir=str(work / "samples")), log_file=work / "logs" / "inference.log",
-    )  # fmt: skip
-    timings["inference_s"] = time.perf_counter() - start
-
-    print(f"[{source.name}] evaluating ...", flush=True)
-    start = time.perf_counter()
-    harness.run_workflow(
-        bundle_root, harness.config_paths(bundle_root, manifest["evaluate"]["config_files"]),
-        overrides=dict(common, output_dir=str(work / "evaluation")), log_file=work / "logs" / "evaluate.log",
-    )  # fmt: skip
-    timings["evaluate_s"] = time.perf_counter() - start
+        timed_run(f"train_{stage['name']}", stage["config_files"], run_id="training")
+    timed_run("inference", manifest["inference"]["config_files"], output_dir=str(work / "samples"))
+    timed_run("evaluate", manifest["evaluate"]["config_files"], output_dir=str(work / "evaluation"))
     report = json.loads((work / "evaluation" / manifest["evaluate"]["report"]).read_text())
     return {"timings": timings, "report": report, "work": work, "manifest": manifest}
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .metrics import RandomFeatureExtractor
+
 __all__ = ["kl_divergence", "RandomFeaturePerceptualLoss", "ChannelwisePerceptualLoss", "load_perceptual_loss"]
 
 
@@ -21,42 +23,31 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 
 
 class RandomFeaturePerceptualLoss(nn.Module):
-    """Random-feature perceptual proxy: L1 distance between the activations of a frozen, seeded, randomly
-    initialised conv pyramid. It is *not* VGG, LPIPS or MedicalNet; it is the honest offline stand-in used at demo
-    scale, since pretrained weights cannot be downloaded here (random conv features are an established
-    texture/structure descriptor).
+    """Random-feature perceptual proxy: mean L1 distance between the activations of each level of a frozen, seeded,
+    randomly initialised conv pyramid (the one of :class:`~medgen_common.metrics.RandomFeatureExtractor`). It is
+    *not* VGG, LPIPS or MedicalNet; it is the honest offline stand-in used at demo scale, since pretrained weights
+    cannot be downloaded here (random conv features are an established texture/structure descriptor).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the compared tensors ``[B, C, *spatial]``.
-        channels: width of each pyramid level (each level halves the resolution).
         seed: initialisation seed; the same seed gives the same loss.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: tuple[int, ...] = (16, 32, 64), seed: int = 0):
+    def __init__(self, spatial_dims: int, in_channels: int, seed: int = 0):
         super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        levels, previous = [], in_channels
-        for width in channels:
-            levels.append(nn.Sequential(conv(previous, width, 3, stride=2, padding=1), nn.LeakyReLU(0.2)))
-            previous = width
-        torch.random.set_rng_state(generator_state)
-        self.levels = nn.ModuleList(levels)
-        self.requires_grad_(False)
-        self.eval()
+        self.extractor = RandomFeatureExtractor(spatial_dims, in_channels, seed=seed)
 
     def train(self, mode: bool = True) -> RandomFeaturePerceptualLoss:
         return super().train(False)  # always frozen
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = prediction.new_zeros(())
-        features_pred, features_target = prediction, target
-        for level in self.levels:
-            features_pred, features_target = level(features_pred), level(features_target)
-            loss = loss + (features_pred - features_target).abs().mean()
-        return loss / len(self.levels)
+        loss, levels = prediction.new_zeros(()), 0
+        for layer in self.extractor.features:
+            prediction, target = layer(prediction), layer(target)
+            if isinstance(layer, nn.LeakyReLU):  # the output of each pyramid level
+                loss, levels = loss + (prediction - target).abs().mean(), levels + 1
+        return loss / levels
 
 
 def load_perceptual_loss(
