@@ -96,7 +96,8 @@ def run_workflow(
     Raises:
         BundleRunError: non-zero exit, with the command and the last 60 lines of output.
     """
-    bundle_root = Path(bundle_root)
+    bundle_root = Path(bundle_root).resolve()  # the workflow runs in the bundle folder: no relative paths
+    config_files = [str(Path(path).resolve()) for path in config_files]
     command = [sys.executable, "-m"]
     if nproc_per_node:
         command += ["torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc_per_node), "-m"]

@@ -1,7 +1,8 @@
 """The main demo job: for every bundle, generate its demo data, train each stage at demo scale, sample, evaluate,
 and write a short report of what was measured.
 
-    python -m tools.run_demo --out demo [--bundles brainspade_label_ldm] [--subjects 40] [--device cpu]
+    python -m tools.run_demo --out demo [--bundles brainspade_label_ldm] [--subjects 40] [--device cpu] \
+        [--override epochs=5 ...]
 
 Each bundle is copied to ``OUT/<bundle>/bundle`` so weights and outputs never land in the repository. Bundles run
 one after the other (never two trainings at once); the brainSPADE pipeline comes first.
@@ -48,7 +49,24 @@ def _summarise(value, depth: int = 0) -> list[str]:
     return lines
 
 
-def run_bundle(source: Path, out_dir: Path, subjects: int | None, device: str, seed: int) -> dict:
+def _parse_overrides(pairs: list[str]) -> dict:
+    """``["epochs=5", "device_name=cpu"]`` -> ``{"epochs": 5, "device_name": "cpu"}`` (values read as JSON when they
+    parse, as strings otherwise)."""
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise ValueError(f"override '{pair}' is not KEY=VALUE.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def run_bundle(
+    source: Path, out_dir: Path, subjects: int | None, device: str, seed: int, overrides: dict | None = None
+) -> dict:
     """Demo data, training stages, inference and evaluation of one bundle; returns timings and the report."""
     manifest = harness.load_manifest(source)
     work = out_dir / source.name
@@ -69,7 +87,7 @@ def run_bundle(source: Path, out_dir: Path, subjects: int | None, device: str, s
     start = time.perf_counter()
     dataset_dir = harness.make_demo_dataset(manifest["demo_data"], work / "data", num_subjects=subjects, seed=seed)
     timings["demo_data_s"] = time.perf_counter() - start
-    common = {"dataset_dir": str(dataset_dir), "device_name": device, "seed": seed}
+    common = {"dataset_dir": str(dataset_dir), "device_name": device, "seed": seed, **(overrides or {})}
     for stage in manifest["training"]:
         timed_run(f"train_{stage['name']}", stage["config_files"], run_id="training")
     timed_run("inference", manifest["inference"]["config_files"], output_dir=str(work / "samples"))
@@ -85,7 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subjects", type=int, default=None, help="demo subjects (default: each bundle's manifest)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="config override passed to every workflow, e.g. epochs=5 (JSON values; repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    try:
+        overrides = _parse_overrides(args.override)
+    except ValueError as err:
+        parser.error(str(err))
 
     available = {root.name: root for root in harness.discover_bundles()}
     names = args.bundles or list(available)
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = ["# medgen-bundles demo report", "", f"Device: {args.device}; seed {args.seed}.", ""]
     for root in _ordered([available[name] for name in names]):
-        result = run_bundle(root, args.out, args.subjects, args.device, args.seed)
+        result = run_bundle(root, args.out, args.subjects, args.device, args.seed, overrides)
         work = result["work"]
         lines += [f"## {root.name}", "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()), ""]
         lines += [f"Samples: `{(work / 'samples').relative_to(args.out)}` (NIfTI + `{result['manifest']['inference']['preview']}`)", ""]

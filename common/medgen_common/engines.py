@@ -114,8 +114,6 @@ class AutoencoderGanTrainer(Trainer):
         use_scaler = amp and autocast_dtype(device) == torch.float16
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        # let CheckpointSaver/Loader keep the full training state through engine.state_dict()
-        self.state.autoencoder, self.state.discriminator = autoencoder, discriminator
 
     def _step(self, loss: torch.Tensor, network: nn.Module, optimizer, scaler) -> None:
         scaler.scale(loss).backward()

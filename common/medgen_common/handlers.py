@@ -9,16 +9,12 @@ from ignite.engine import Engine, Events
 
 from .writers import save_png_grid
 
-__all__ = ["PreviewGridHandler"]
+__all__ = ["PreviewGridHandler", "predictions_of"]
 
 
-def _predictions(output) -> list:
-    items = output if isinstance(output, list) else [output]
-    predictions = []
-    for item in items:
-        prediction = item["pred"]
-        predictions.extend(list(prediction) if prediction.ndim >= 4 and not isinstance(output, list) else [prediction])
-    return predictions
+def predictions_of(output) -> list:
+    """The ``"pred"`` tensors ``[C, *spatial]`` of an engine output, decollated (a list of dicts) or batched."""
+    return [item["pred"] for item in output] if isinstance(output, list) else list(output["pred"])
 
 
 class PreviewGridHandler:
@@ -34,7 +30,7 @@ class PreviewGridHandler:
 
     def __init__(self, path: str | Path, kind: str = "label", max_items: int = 32, output_transform: Callable | None = None):
         self.path, self.kind, self.max_items = Path(path), kind, max_items
-        self.output_transform = output_transform or _predictions
+        self.output_transform = output_transform or predictions_of
         self._items: list = []
 
     def attach(self, engine: Engine) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .handlers import predictions_of
 from .label_statistics import tissue_fractions
 from .metrics import mean_dice_by_class, nearest_neighbour_distances
 from .writers import write_json
@@ -55,9 +56,7 @@ class SampleCollector:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
 
     def _collect(self, engine: Engine) -> None:
-        output = engine.state.output
-        predictions = [item["pred"] for item in output] if isinstance(output, list) else list(output["pred"])
-        self.predictions.extend(torch.as_tensor(p).detach().cpu().float() for p in predictions)
+        self.predictions.extend(torch.as_tensor(p).detach().cpu().float() for p in predictions_of(engine.state.output))
         batch = engine.state.batch  # a list of items once the evaluator has decollated it
         for key in self.batch_keys:
             values = [item[key] for item in batch] if isinstance(batch, list) else list(batch[key])

@@ -147,8 +147,9 @@ class ModalityNormalised(MapTransform):
             values = image[image != 0]
             if values.numel() == 0:
                 return torch.zeros_like(image)
-            low = float(torch.quantile(values.flatten()[: 2**24], self.lower / 100.0)) if self.lower > 0 else 0.0
-            high = float(torch.quantile(values.flatten()[: 2**24], self.upper / 100.0))
+            values = values.flatten()[:: values.numel() // 2**24 + 1]  # torch.quantile takes at most 2**24 values
+            low = float(torch.quantile(values, self.lower / 100.0)) if self.lower > 0 else 0.0
+            high = float(torch.quantile(values, self.upper / 100.0))
         if high <= low:
             return torch.zeros_like(image)
         return torch.clamp((image - low) / (high - low), 0.0, 1.0)
