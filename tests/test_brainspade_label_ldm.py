@@ -54,13 +54,14 @@ def test_training_and_inference_define_the_same_networks():
         assert [p.shape for p in trained.parameters()] == [p.shape for p in used.parameters()]
 
 
-def test_wmh_channel_is_up_weighted_in_the_focal_loss():
+def test_focal_loss_is_categorical_and_up_weights_wmh():
     parser = _parser("train_autoencoder.json")
     loss = parser.get_parsed_content("reconstruction_loss")
     names = parser.get_parsed_content("channel_names")
     weights = dict(zip(names, loss.class_weight.flatten().tolist()))
     assert weights["wmh"] == 100.0 and all(w == 1.0 for name, w in weights.items() if name != "wmh")
-    assert loss.gamma == 3.0 and loss.use_softmax is False
+    # softmax focal loss: the decoder is trained on the same categorical view in which samples are decoded
+    assert loss.gamma == 3.0 and loss.use_softmax is True
 
 
 def test_lesion_condition_is_a_single_four_dimensional_token(tmp_path):
