@@ -262,3 +262,13 @@ def test_check_channel_count_also_rejects_inconsistent_shapes(tmp_path):
     b = _write_nifti(tmp_path / "b.nii.gz", (4, 5, 3, 3))
     with pytest.raises(DatalistError, match="channel count"):
         check_channel_count([{"label": a}, {"label": b}], "label", ["background", "lesion"])
+
+
+def test_label_datalist_checks_channels_before_training(tmp_path):
+    good = _write_nifti(tmp_path / "a.nii.gz", (4, 5, 1, 3))
+    datalist = _write_json(tmp_path / "datalist.json", {"training": [{"label": "a.nii.gz"}]})
+    from medgen_common.datalist import load_label_datalist
+
+    assert load_label_datalist(datalist, "training", ["background", "gm", "wm"]) == [{"label": good}]
+    with pytest.raises(DatalistError, match="'label' files have 3 channels.*names 4"):
+        load_label_datalist(datalist, "training", ["background", "csf", "gm", "wm"])

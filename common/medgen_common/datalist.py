@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-__all__ = ["DatalistError", "load_datalist", "check_consistent_shapes", "check_channel_count"]
+__all__ = ["DatalistError", "load_datalist", "load_label_datalist", "check_consistent_shapes", "check_channel_count"]
 
 
 class DatalistError(ValueError):
@@ -126,3 +126,21 @@ def check_channel_count(entries: Sequence[dict], key: str, channel_names: Sequen
             f"but the configuration names {len(channel_names)}: {list(channel_names)}."
         )
     return shape
+
+
+def load_label_datalist(
+    datalist_path: str | Path,
+    split: str,
+    channel_names: Sequence[str],
+    label_key: str = "label",
+    other_keys: Sequence[str] = (),
+) -> list[dict]:
+    """:func:`load_datalist` for probabilistic label maps: the files under ``label_key`` must share one shape with
+    ``len(channel_names)`` channels last (checked from the headers, before any training starts).
+
+    Raises:
+        DatalistError: as :func:`load_datalist` and :func:`check_channel_count`.
+    """
+    entries = load_datalist(datalist_path, split=split, required_keys=(label_key, *other_keys))
+    check_channel_count(entries, label_key, channel_names)
+    return entries
