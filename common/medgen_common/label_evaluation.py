@@ -8,7 +8,7 @@ The ``evaluate`` workflow samples groups of label maps with fixed lesion conditi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +26,26 @@ __all__ = ["make_evaluation_specs", "SampleCollector", "lesion_presence", "label
 MIN_LESION_VOXELS = 3
 
 
-def make_evaluation_specs(num_per_group: int, seed: int, lesion_names: Sequence[str]) -> list[dict]:
-    """Sample specifications in groups: ``"no_lesion"`` (all dc 0) and, per lesion, ``"<lesion>_large"`` with that
-    lesion's dc drawn from U(0.5, 1), the upper half of its normalised range, and the other lesions at 0.
+def make_evaluation_specs(
+    num_per_group: int, seed: int, lesion_names: Sequence[str], lesion_groups: Mapping[str, Sequence[str]]
+) -> list[dict]:
+    """Sample specifications in groups: ``"no_lesion"`` (all dc 0) and, per lesion group (lesions that occur
+    together, e.g. ``{"tumour": ["tumour", "oedema", "enhancing"]}``), ``"<group>_large"`` with each of its lesions'
+    dc drawn from U(0.5, 1), the upper half of the normalised range, and every other lesion at 0.
 
     Each spec is ``{"seed", "group", "lesion_size_condition": float32 [1, L]}``; seeds are distinct across groups.
     """
+    unknown = sorted({name for members in lesion_groups.values() for name in members} - set(lesion_names))
+    if unknown:
+        raise ValueError(f"lesion groups name {unknown}, which are not among the lesions {list(lesion_names)}.")
     rng = np.random.default_rng(seed)
-    groups = [("no_lesion", None)] + [(f"{name}_large", index) for index, name in enumerate(lesion_names)]
+    groups = [("no_lesion", [])] + [(f"{group}_large", list(members)) for group, members in lesion_groups.items()]
     specs = []
-    for group_index, (group, lesion_index) in enumerate(groups):
+    for group_index, (group, members) in enumerate(groups):
         for item in range(num_per_group):
             condition = np.zeros((1, len(lesion_names)), dtype=np.float32)
-            if lesion_index is not None:
-                condition[0, lesion_index] = rng.uniform(0.5, 1.0)
+            for name in members:
+                condition[0, list(lesion_names).index(name)] = rng.uniform(0.5, 1.0)
             specs.append({"seed": seed + group_index * num_per_group + item, "group": group, "lesion_size_condition": condition})
     return specs
 
@@ -93,7 +99,7 @@ def label_generator_report(
 
     Report keys: ``tissue_fraction`` (sample vs training mean per channel and relative difference),
     ``lesion_presence_rate`` per group and lesion, ``lesion_volume_vs_condition`` (Pearson r between requested dc
-    and sampled soft volume / training max, per lesion, over its "large" and "no_lesion" groups),
+    and sampled soft volume / training max, per lesion, over all samples),
     ``autoencoder_dice`` per channel on held-out maps, ``memorisation`` (median nearest-neighbour distance of samples
     and of held-out maps to the training set, and their ratio).
     """
@@ -122,8 +128,7 @@ def label_generator_report(
     sampled_dc = samples[:, lesion_indices].flatten(2).sum(2).numpy() / np.where(volume_max > 0, volume_max, np.inf)
     correlation = {}
     for column, name in enumerate(lesions):
-        mask = np.array([g in ("no_lesion", f"{name}_large") for g in groups])
-        requested, obtained = conditions.numpy()[mask, column], sampled_dc[mask, column]
+        requested, obtained = conditions.numpy()[:, column], sampled_dc[:, column]
         valid = requested.std() > 0 and obtained.std() > 0
         correlation[name] = {
             "pearson_r": float(np.corrcoef(requested, obtained)[0, 1]) if valid else None,
