@@ -9,12 +9,13 @@ from ignite.engine import Engine, Events
 
 from .writers import save_png_grid
 
-__all__ = ["PreviewGridHandler", "predictions_of"]
+__all__ = ["PreviewGridHandler", "values_of"]
 
 
-def predictions_of(output) -> list:
-    """The ``"pred"`` tensors ``[C, *spatial]`` of an engine output, decollated (a list of dicts) or batched."""
-    return [item["pred"] for item in output] if isinstance(output, list) else list(output["pred"])
+def values_of(data, key: str = "pred") -> list:
+    """The per-item values of ``key`` in an engine's output or batch, decollated (a list of dicts) or batched
+    (a dict of batch-first values); e.g. the predictions ``[C, *spatial]``."""
+    return [item[key] for item in data] if isinstance(data, list) else list(data[key])
 
 
 class PreviewGridHandler:
@@ -30,7 +31,7 @@ class PreviewGridHandler:
 
     def __init__(self, path: str | Path, kind: str = "label", max_items: int = 32, output_transform: Callable | None = None):
         self.path, self.kind, self.max_items = Path(path), kind, max_items
-        self.output_transform = output_transform or predictions_of
+        self.output_transform = output_transform or values_of
         self._items: list = []
 
     def attach(self, engine: Engine) -> None:

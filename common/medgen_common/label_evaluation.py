@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .handlers import predictions_of
+from .handlers import values_of
 from .label_statistics import tissue_fractions
 from .metrics import mean_dice_by_class, nearest_neighbour_distances
 from .writers import write_json
@@ -62,10 +62,9 @@ class SampleCollector:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
 
     def _collect(self, engine: Engine) -> None:
-        self.predictions.extend(torch.as_tensor(p).detach().cpu().float() for p in predictions_of(engine.state.output))
-        batch = engine.state.batch  # a list of items once the evaluator has decollated it
+        self.predictions.extend(torch.as_tensor(p).detach().cpu().float() for p in values_of(engine.state.output))
         for key in self.batch_keys:
-            values = [item[key] for item in batch] if isinstance(batch, list) else list(batch[key])
+            values = values_of(engine.state.batch, key)  # the evaluator may have decollated the batch
             self.batch_values[key].extend(torch.as_tensor(v).cpu() if not isinstance(v, str) else v for v in values)
 
 

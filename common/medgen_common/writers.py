@@ -6,17 +6,21 @@ leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "atomic_path",
@@ -59,13 +63,18 @@ def atomic_path(path: str | Path):
 
 
 def _to_numpy(array) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+    if hasattr(array, "detach"):  # a torch tensor (torch is not imported here, so the demo-data tools start fast)
         return array.detach().cpu().float().numpy() if array.is_floating_point() else array.detach().cpu().numpy()
     return np.asarray(array)
 
 
 def save_nifti(
-    array, path: str | Path, affine=None, spacing: Sequence[float] | None = None, channel_first: bool = True
+    array,
+    path: str | Path,
+    affine=None,
+    spacing: Sequence[float] | None = None,
+    channel_first: bool = True,
+    compresslevel: int = 6,
 ) -> Path:
     """Save an image or label map as NIfTI with a meaningful affine.
 
@@ -76,6 +85,7 @@ def save_nifti(
         affine: 4x4 voxel-to-world (RAS, mm) matrix; default ``diag(spacing)``.
         spacing: voxel size in mm, used when ``affine`` is None (default 1 mm).
         channel_first: whether ``array`` has a leading channel axis.
+        compresslevel: gzip level for ``.nii.gz`` (1 is fastest).
     """
     data = _to_numpy(array)
     if channel_first:
@@ -94,9 +104,18 @@ def save_nifti(
         full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
         affine = full
     image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code="scanner")
+    image.set_sform(affine, code="scanner")
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as temporary:
-        nib.save(image, str(temporary))
+        if str(path).endswith(".gz"):
+            # gzip header with time stamp 0 and no file name: equal data give byte-identical files
+            with open(temporary, "wb") as file, gzip.GzipFile(
+                filename="", mode="wb", fileobj=file, compresslevel=compresslevel, mtime=0
+            ) as stream:
+                stream.write(image.to_bytes())
+        else:
+            nib.save(image, str(temporary))
     return Path(path)
 
 

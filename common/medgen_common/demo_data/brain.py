@@ -65,7 +65,6 @@ Determinism
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
 import json
 import math
@@ -76,6 +75,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage, special
+
+from ..writers import save_nifti
 
 __all__ = [
     "BRAIN_CHANNELS",
@@ -503,18 +504,6 @@ def _grid_affine(grid: Grid, centre_mm: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Write NIfTI-1 through gzip with time stamp 0 and no stored file name, so equal data give equal bytes."""
-    image = nib.Nifti1Image(array, affine)
-    image.set_qform(affine, code="scanner")
-    image.set_sform(affine, code="scanner")
-    image.header.set_xyzt_units(xyz="mm")
-    with open(path, "wb") as file, gzip.GzipFile(
-        filename="", mode="wb", fileobj=file, compresslevel=_GZIP_LEVEL, mtime=0
-    ) as stream:
-        stream.write(image.to_bytes())
-
-
 def _write_case(
     grid_dir: Path, stem: str, label: np.ndarray, images: dict[str, np.ndarray], affine: np.ndarray,
     channels: Sequence[str], voxel_volume_mm3: float,
@@ -523,7 +512,7 @@ def _write_case(
     entry = {}
     for key, array in (("label", label), *images.items()):
         relative = f"{stem}_{key}.nii.gz"
-        _save_nifti(grid_dir / relative, array, affine)
+        save_nifti(array, grid_dir / relative, affine, channel_first=False, compresslevel=_GZIP_LEVEL)
         entry[key] = relative
     entry["lesion_volume_mm3"] = {
         name: round(float(label[..., channels.index(name)].sum(dtype=np.float64)) * voxel_volume_mm3, 3)
