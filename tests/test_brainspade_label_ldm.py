@@ -77,8 +77,8 @@ def test_lesion_condition_is_a_single_four_dimensional_token(tmp_path):
     condition = batch["lesion_size_condition"]
     assert condition.shape == (3, 1, 4)  # [B, 1, 4]: one cross-attention token of [wmh, tumour, oedema, enhancing]
     assert condition.min() >= 0 and condition.max() <= 1
-    assert batch["label"].shape == (3, 8, 56, 64)
-    torch.testing.assert_close(batch["label"].sum(1), torch.ones(3, 56, 64))
+    assert batch["label"].shape == (3, 8, 56, 72)
+    torch.testing.assert_close(batch["label"].sum(1), torch.ones(3, 56, 72))
 
 
 def test_1mm_latent_is_padded_for_the_unet_and_cropped_back():

@@ -8,7 +8,11 @@ Source
 Tissue maps (template space, probabilities)
     brain mask = T1 / max(T1) > 0.2 (the rule of ``nilearn.datasets.load_mni152_brain_mask``);
     GM, WM = nilearn's maps / max, times the brain mask (the maps reach a few mm past the skull-stripped T1);
-    CSF = brain mask - GM - WM, clipped to >= 0; background = 1 - CSF - GM - WM.
+    intracranial mask = the brain mask closed with a 6 mm ball (bridging the sulci), dilated by a 3 mm ball and
+        hole-filled: the skull-stripped template leaves out the subarachnoid CSF around the cortex, which
+        segmentations of a single subject (e.g. GIF, as in the brainSPADE paper) label as CSF. This brings CSF to
+        about 20 % of the intracranial volume, as in adults, instead of the 10 % of the stripped template;
+    CSF = intracranial mask - GM - WM, clipped to >= 0; background = 1 - CSF - GM - WM.
     nilearn has no deep-grey-matter or brainstem maps, so the project's full layout (background, CSF, GM, WM, DGM,
     brainstem, WMH, tumour core, oedema, enhancing) cannot be made here: deep grey matter and brainstem are part of
     the GM and WM channels.
@@ -127,7 +131,7 @@ class Grid:
 GRIDS = {
     "1mm": Grid((160, 176, 112), 1.0),  # the brainSPADE paper's crop
     "2mm": Grid((96, 128, 96), 2.0),
-    "demo": Grid((56, 64, 56), 3.0),
+    "demo": Grid((56, 72, 64), 3.0),  # 168 x 216 x 192 mm: the intracranial volume with room to move
 }
 
 _TEMPLATE_FILES = {
@@ -136,6 +140,8 @@ _TEMPLATE_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 _BRAIN_MASK_THRESHOLD = 0.2
+_SULCUS_CLOSING_MM = 6  # radius of the ball that closes the brain mask over the sulci
+_SUBARACHNOID_MM = 3  # thickness of the CSF layer added around the closed brain mask
 _CROP_MARGIN_VOXELS = 12  # room for the anti-aliasing filter around the brain
 _LATTICE_MARGIN_MM = 20.0  # random lattices cover the brain's bounding box plus this margin
 _DEFORMATION_NODES = 8
@@ -219,9 +225,10 @@ def _load_template() -> _Template:
     t1, gm, wm = t1 / t1.max(), gm / gm.max(), wm / wm.max()
     mask = t1 > _BRAIN_MASK_THRESHOLD
     gm, wm = gm * mask, wm * mask
-    csf = np.clip(mask - gm - wm, 0.0, None)
+    intracranial = _intracranial_mask(mask)
+    csf = np.clip(intracranial - gm - wm, 0.0, None)
 
-    brain_voxels = np.argwhere(mask)
+    brain_voxels = np.argwhere(intracranial)
     low = np.maximum(brain_voxels.min(0) - _CROP_MARGIN_VOXELS, 0)
     high = np.minimum(brain_voxels.max(0) + _CROP_MARGIN_VOXELS + 1, mask.shape)
     crop = tuple(slice(a, b) for a, b in zip(low, high))
@@ -229,7 +236,7 @@ def _load_template() -> _Template:
     brain_low_mm = affine[:3, :3] @ brain_voxels.min(0) + affine[:3, 3]
     brain_high_mm = affine[:3, :3] @ brain_voxels.max(0) + affine[:3, 3]
 
-    ventricles = _lateral_ventricles(csf > 0.5, affine, brain_low_mm, brain_high_mm)
+    ventricles = _lateral_ventricles((mask - gm - wm) > 0.5, affine, brain_low_mm, brain_high_mm)
     ventricle_mm = affine[:3, :3] @ np.argwhere(ventricles).T + affine[:3, 3:]
     ventricle_centres, ventricle_precisions = [], []
     for side in (ventricle_mm[0] < -2.0, ventricle_mm[0] > 2.0):  # left, right; the septum lies at x = 0
@@ -259,6 +266,17 @@ def _load_template() -> _Template:
         wmh_sites_mm=site_world[:, wmh_sites].T,
         tumour_sites_mm=site_world[:, tumour_sites].T,
     )
+
+
+def _intracranial_mask(brain: np.ndarray) -> np.ndarray:
+    """Brain mask (1 mm voxels) closed over the sulci, grown by the subarachnoid CSF layer and hole-filled.
+    Morphology by Euclidean distance transforms: a ball of radius r dilates to distance <= r and erodes to > r."""
+    pad = _SULCUS_CLOSING_MM + _SUBARACHNOID_MM + 1
+    brain = np.pad(brain, pad)
+    dilated = ndimage.distance_transform_edt(~brain) <= _SULCUS_CLOSING_MM
+    closed = ndimage.distance_transform_edt(dilated) > _SULCUS_CLOSING_MM
+    grown = ndimage.distance_transform_edt(~closed) <= _SUBARACHNOID_MM
+    return ndimage.binary_fill_holes(grown[pad:-pad, pad:-pad, pad:-pad])
 
 
 def _lateral_ventricles(csf_core: np.ndarray, affine: np.ndarray, brain_low_mm, brain_high_mm) -> np.ndarray:
@@ -601,7 +619,7 @@ def make_brain_dataset(
         Dataset seed, >= 0.
     grids : sequence of str
         Names from ``GRIDS``: "1mm" (160 x 176 x 112 voxels of 1 mm), "2mm" (96 x 128 x 96 of 2 mm),
-        "demo" (56 x 64 x 56 of 3 mm).
+        "demo" (56 x 72 x 64 of 3 mm).
     slices_per_subject : int
         Axial slices written per subject, >= 1, evenly spaced over the planes with at least half the largest brain area.
     val_fraction, test_fraction : float
