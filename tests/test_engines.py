@@ -11,6 +11,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscrimi
 
 from medgen_common.engines import (
     NULL_CONDITION_VALUE,
+    AdversarialReferee,
     AutoencoderGanTrainer,
     LatentDiffusionPrepareBatch,
     ReconstructionInferer,
@@ -209,3 +210,40 @@ def test_lesion_condition_reaches_the_network_through_cross_attention():
     inferer = DiffusionInferer(make_scheduler("ddpm"))
     loss_input = inferer(latent, unet, torch.randn_like(latent), timesteps, condition=torch.zeros(1, 1, 4))
     assert loss_input.shape == latent.shape
+
+
+def test_referee_gates_generator_and_discriminator_by_recent_accuracy():
+    referee = AdversarialReferee(n_steps=2, lower=0.65, upper=0.78)
+    assert referee.accuracy is None and referee.train_generator and referee.train_discriminator
+    # least-squares outputs read as probabilities by clamping: real 1, fake 0 is a perfect discriminator
+    assert referee.update(torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)) == pytest.approx(1.0)
+    assert referee.train_generator and not referee.train_discriminator
+    assert referee.update(torch.full((2, 1, 4, 4), 0.5), torch.full((2, 1, 4, 4), 0.5)) == pytest.approx(0.5)
+    assert referee.accuracy == pytest.approx(0.75)  # moving mean of the last 2 steps
+    assert referee.train_generator and referee.train_discriminator
+    referee.update(torch.full((1, 1, 4, 4), -3.0), torch.full((1, 1, 4, 4), 5.0))  # clamped to 0 and 1: accuracy 0
+    assert referee.accuracy == pytest.approx(0.25)
+    assert not referee.train_generator and referee.train_discriminator
+    # the authors' sigmoid reading of logits: logit 0 is a coin toss
+    assert AdversarialReferee(probability="sigmoid").update(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)) == 0.5
+    with pytest.raises(ValueError, match="lower <= upper"):
+        AdversarialReferee(lower=0.9, upper=0.1)
+
+
+def test_trainer_freezes_the_discriminator_while_the_referee_says_it_is_winning():
+    labels = _label_batch()
+    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(spatial_dims=2, in_channels=4, channels=8, num_layers_d=2)
+    referee = AdversarialReferee(n_steps=1, lower=0.0, upper=0.0)  # after one measurement D always counts as winning
+    trainer = AutoencoderGanTrainer(
+        device="cpu", max_epochs=3, train_data_loader=[{"image": labels}], autoencoder=autoencoder, discriminator=discriminator,
+        g_optimizer=torch.optim.Adam(autoencoder.parameters(), 1e-3), d_optimizer=torch.optim.Adam(discriminator.parameters(), 1e-3),
+        reconstruction_loss=torch.nn.L1Loss(), adversarial_weight=0.1, referee=referee,
+    )  # fmt: skip
+    snapshots = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda engine: snapshots.append([p.detach().clone() for p in discriminator.parameters()])
+    )
+    trainer.run()
+    changed = [any(not torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(snapshots, snapshots[1:])]
+    assert changed == [False, False]  # trained in step 1 (no measurement yet), frozen in steps 2 and 3
+    assert 0.0 <= float(trainer.state.output["discriminator_accuracy"]) <= 1.0

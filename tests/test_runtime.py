@@ -157,12 +157,14 @@ def test_handlers_for_rank_returns_every_handler_on_the_main_process():
     assert out is not handlers  # a copy: the caller's list is not shared
 
 
-def test_handlers_for_rank_keeps_only_validation_on_other_ranks(monkeypatch):
-    from monai.handlers import CheckpointSaver, ValidationHandler
+def test_handlers_for_rank_keeps_only_validation_and_lr_schedules_on_other_ranks(monkeypatch):
+    from monai.handlers import CheckpointSaver, LrScheduleHandler, ValidationHandler
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     assert is_main_process() is False
     validation = ValidationHandler(interval=1)
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    schedule = LrScheduleHandler(torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), print_lr=False)
     saver = CheckpointSaver(save_dir="unused", save_dict={"net": torch.nn.Linear(1, 1)})
-    assert handlers_for_rank([saver, validation, "logger"]) == [validation]
+    assert handlers_for_rank([saver, schedule, validation, "logger"]) == [schedule, validation]

@@ -1,7 +1,10 @@
 """Training engines shared by the bundles, built on MONAI's ignite ``Trainer``.
 
 - :class:`AutoencoderGanTrainer`: one step of a KL autoencoder with reconstruction, KL, perceptual and patch
-  adversarial losses, then one discriminator step (the first stage of every latent diffusion bundle).
+  adversarial losses, then one discriminator step (the first stage of every latent diffusion bundle), optionally
+  gated by an :class:`AdversarialReferee`.
+- :class:`SpadeGanTrainer`: one step of a SPADE VAE-GAN image generator with every brainSPADE image-generator loss,
+  then one multi-scale discriminator step.
 - :class:`LatentDiffusionPrepareBatch`: turns a batch of images into (noisy-latent target, kwargs) for MONAI's
   ``SupervisedTrainer`` + ``DiffusionInferer``, encoding with a frozen autoencoder and dropping conditions at
   random for classifier-free guidance.
@@ -19,15 +22,25 @@ from monai.losses import PatchAdversarialLoss
 from monai.transforms import SpatialPad
 from torch import nn
 
-from .losses import kl_divergence
+from .losses import (
+    feature_matching_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    kl_divergence,
+    kl_divergence_logvar,
+    style_consistency_loss,
+)
 from .runtime import autocast_dtype, autocast_enabled
+from .transforms import probabilities_to_one_hot
 
 __all__ = [
     "apply_output_activation",
+    "AdversarialReferee",
     "AutoencoderGanTrainer",
     "ReconstructionInferer",
     "LatentDiffusionPrepareBatch",
     "compute_latent_scale_factor",
+    "SpadeGanTrainer",
     "NULL_CONDITION_VALUE",
 ]
 
@@ -46,6 +59,51 @@ def apply_output_activation(output: torch.Tensor, activation: str | None) -> tor
     raise ValueError(f"output activation must be None, 'softmax' or 'sigmoid', got '{activation}'.")
 
 
+class AdversarialReferee:
+    """Keeps generator and discriminator in balance from the discriminator's recent accuracy (the gate of the
+    brainSPADE authors' 3D label autoencoder).
+
+    Accuracy of one step = mean over real and fake patches of ``1 - |target - p|`` (target 1 for real, 0 for fake),
+    averaged over the last ``n_steps`` steps, with ``p`` the discriminator's output read as a probability:
+    ``"sigmoid"`` of logits (the authors' reading, meant for BCE or hinge discriminators) or ``"clamp"`` to [0, 1]
+    (for least-squares discriminators, whose targets are 0 and 1 themselves; a sigmoid would squash a perfect one to
+    0.62). The generator's adversarial term is used only while the accuracy is >= ``lower`` (the discriminator has
+    something to teach), the discriminator is trained only while it is <= ``upper`` (it is not already winning).
+    Before the first measurement both are trained.
+    """
+
+    def __init__(self, n_steps: int = 15, lower: float = 0.65, upper: float = 0.78, probability: str = "clamp"):
+        if not 0.0 <= lower <= upper <= 1.0:
+            raise ValueError(f"referee thresholds must satisfy 0 <= lower <= upper <= 1, got {lower}, {upper}.")
+        if probability not in ("clamp", "sigmoid"):
+            raise ValueError(f"referee probability must be 'clamp' or 'sigmoid', got '{probability}'.")
+        self.n_steps, self.lower, self.upper, self.probability = n_steps, lower, upper, probability
+        self.history: list[float] = []
+
+    @property
+    def accuracy(self) -> float | None:
+        return sum(self.history) / len(self.history) if self.history else None
+
+    @property
+    def train_generator(self) -> bool:
+        return self.accuracy is None or self.accuracy >= self.lower
+
+    @property
+    def train_discriminator(self) -> bool:
+        return self.accuracy is None or self.accuracy <= self.upper
+
+    def _as_probability(self, output: torch.Tensor) -> torch.Tensor:
+        output = output.detach().float()
+        return torch.sigmoid(output) if self.probability == "sigmoid" else output.clamp(0.0, 1.0)
+
+    def update(self, real_output: torch.Tensor, fake_output: torch.Tensor) -> float:
+        """Record one step's accuracy from the discriminator's outputs on real and fake inputs; return it."""
+        real = self._as_probability(real_output).mean()
+        fake = 1.0 - self._as_probability(fake_output).mean()
+        self.history = (self.history + [float(0.5 * (real + fake))])[-self.n_steps :]
+        return self.history[-1]
+
+
 class AutoencoderGanTrainer(Trainer):
     """Train an ``AutoencoderKL`` with a ``PatchDiscriminator``.
 
@@ -54,10 +112,12 @@ class AutoencoderGanTrainer(Trainer):
     (LSGAN(D(act(recon)), 0) + LSGAN(D(x), 1))`` (brainSPADE chapter Eq. 1.1). ``act`` is ``output_activation``
     (softmax over channels for probabilistic label maps, identity for images); the reconstruction loss sees the
     raw decoder output. Gradients are clipped to ``grad_clip_norm``. The adversarial terms start after
-    ``adversarial_warmup_iterations``.
+    ``adversarial_warmup_iterations``; with a ``referee`` they are then switched on and off by the discriminator's
+    recent accuracy (:class:`AdversarialReferee`).
 
     The iteration output holds every loss term (``loss``, ``reconstruction``, ``kl``, ``perceptual``,
-    ``adversarial``, ``discriminator``) for logging.
+    ``adversarial``, ``discriminator``) for logging, and with a referee its ``discriminator_accuracy`` (0 before
+    the adversarial phase).
 
     Args:
         device, max_epochs, train_data_loader, epoch_length, train_handlers, amp: as MONAI's ``Trainer``.
@@ -67,6 +127,7 @@ class AutoencoderGanTrainer(Trainer):
         reconstruction_loss: ``f(reconstruction, target) -> scalar``.
         perceptual_loss: ``f(prediction, target) -> scalar`` or None.
         image_key: batch key of the training images ``[B, C, *spatial]``.
+        referee: optional :class:`AdversarialReferee` gating the two adversarial updates.
     """
 
     def __init__(
@@ -87,6 +148,7 @@ class AutoencoderGanTrainer(Trainer):
         output_activation: str | None = None,
         grad_clip_norm: float | None = 1.0,
         image_key: str = "image",
+        referee: AdversarialReferee | None = None,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
@@ -108,7 +170,7 @@ class AutoencoderGanTrainer(Trainer):
         self.reconstruction_loss = reconstruction_loss
         self.perceptual_loss = perceptual_loss
         self.kl_weight, self.perceptual_weight, self.adversarial_weight = kl_weight, perceptual_weight, adversarial_weight
-        self.adversarial_warmup_iterations = adversarial_warmup_iterations
+        self.adversarial_warmup_iterations, self.referee = adversarial_warmup_iterations, referee
         self.output_activation, self.grad_clip_norm, self.image_key = output_activation, grad_clip_norm, image_key
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
         use_scaler = amp and autocast_dtype(device) == torch.float16
@@ -140,9 +202,10 @@ class AutoencoderGanTrainer(Trainer):
                 if self.perceptual_loss is not None and self.perceptual_weight > 0
                 else images.new_zeros(())
             )
+            train_generator_adversarially = use_adversarial and (self.referee is None or self.referee.train_generator)
             generator_adversarial = (
                 self.adversarial_loss(self.discriminator(activated)[-1], target_is_real=True, for_discriminator=False)
-                if use_adversarial
+                if train_generator_adversarially
                 else images.new_zeros(())
             )
             generator_loss = (
@@ -155,17 +218,21 @@ class AutoencoderGanTrainer(Trainer):
 
         discriminator_loss = images.new_zeros(())
         if use_adversarial:
+            train_discriminator = self.referee is None or self.referee.train_discriminator
             self.discriminator.train()
             self.d_optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                fake = self.adversarial_loss(
-                    self.discriminator(activated.detach())[-1], target_is_real=False, for_discriminator=True
-                )
-                real = self.adversarial_loss(self.discriminator(images)[-1], target_is_real=True, for_discriminator=True)
+            with autocast, torch.set_grad_enabled(train_discriminator):
+                fake_logits = self.discriminator(activated.detach())[-1]
+                real_logits = self.discriminator(images)[-1]
+                fake = self.adversarial_loss(fake_logits, target_is_real=False, for_discriminator=True)
+                real = self.adversarial_loss(real_logits, target_is_real=True, for_discriminator=True)
                 discriminator_loss = self.adversarial_weight * 0.5 * (fake + real)
-            self._step(discriminator_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+            if train_discriminator:
+                self._step(discriminator_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+            if self.referee is not None:
+                self.referee.update(real_logits, fake_logits)
 
-        return {
+        output = {
             "loss": generator_loss.detach(),
             "reconstruction": reconstruction_loss.detach(),
             "kl": kl.detach(),
@@ -173,6 +240,9 @@ class AutoencoderGanTrainer(Trainer):
             "adversarial": generator_adversarial.detach(),
             "discriminator": discriminator_loss.detach(),
         }
+        if self.referee is not None:
+            output["discriminator_accuracy"] = torch.tensor(self.referee.accuracy or 0.0)
+        return output
 
 
 class ReconstructionInferer(Inferer):
@@ -254,3 +324,153 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
                 )
             infer_kwargs["condition"] = condition
         return latents, noise, (), infer_kwargs
+
+
+class SpadeGanTrainer(Trainer):
+    """Train a SPADE VAE-GAN image generator (:class:`~medgen_common.networks.StyleSpadeGenerator`) against a
+    ``MultiScalePatchDiscriminator`` with every loss of the brainSPADE chapter (Eqs. 1.4-1.7):
+
+    ``L_G = hinge_G + feature_weight * L_feat + kld_weight * L_KLD + perceptual_weight * L_perc
+    + consistency_weight * L_cont + contrast_weight * CE(C(fake), contrast) + dataset_weight * CE(C(fake), dataset)``
+
+    then one discriminator step ``hinge_D(D(real), D(fake))``. The discriminator sees ``one_hot(argmax(label))``
+    concatenated with the image (a hard label, as the SPADE repositories), the generator the soft label map.
+    ``L_cont = 1 - cos(mu(style), mu(augment(style)))`` (slice consistency under a random affine of the style).
+    The contrast classifier ``C`` (2D slices) is frozen; in 3D it is not used (weights 0, as the chapter).
+
+    Batch keys: ``label`` ``[B, C, *spatial]`` soft label, ``image`` ``[B, 1, *spatial]``, ``style``
+    ``[B, 1, H, W]`` a different slice of the same subject and contrast, ``contrast`` ``[B]`` contrast index, and
+    ``dataset`` ``[B]`` when ``dataset_weight > 0``.
+
+    Args:
+        generator, discriminator, g_optimizer, d_optimizer: networks and their (TTUR) optimisers.
+        perceptual_loss: ``f(fake, real) -> scalar`` or None.
+        style_augmentation: per-sample callable ``[1, H, W] -> [1, H, W]`` (e.g. MONAI ``RandAffine``), needed when
+            ``consistency_weight > 0``.
+        classifier: frozen :class:`~medgen_common.networks.ContrastClassifier`, needed when ``contrast_weight`` or
+            ``dataset_weight`` > 0.
+        grad_clip_norm: gradient-norm clip of both networks, or None.
+        device, max_epochs, train_data_loader, epoch_length, train_handlers, amp: as MONAI's ``Trainer``.
+
+    The iteration output holds ``loss`` (generator total) and each term for logging.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        d_optimizer: torch.optim.Optimizer,
+        feature_weight: float = 10.0,
+        kld_weight: float = 0.05,
+        perceptual_loss: Callable | None = None,
+        perceptual_weight: float = 0.0,
+        style_augmentation: Callable | None = None,
+        consistency_weight: float = 0.0,
+        classifier: nn.Module | None = None,
+        contrast_weight: float = 0.0,
+        dataset_weight: float = 0.0,
+        grad_clip_norm: float | None = None,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+    ):
+        amp = autocast_enabled(device, amp)
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
+            handlers=train_handlers, amp=amp, amp_kwargs={"dtype": autocast_dtype(device)} if amp else None,
+            decollate=False,
+        )  # fmt: skip
+        if consistency_weight > 0 and style_augmentation is None:
+            raise ValueError("consistency_weight > 0 needs a style_augmentation (e.g. monai.transforms.RandAffine).")
+        if (contrast_weight > 0 or dataset_weight > 0) and classifier is None:
+            raise ValueError("contrast_weight or dataset_weight > 0 needs a trained contrast classifier.")
+        self.generator, self.discriminator = generator, discriminator
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.feature_weight, self.kld_weight = feature_weight, kld_weight
+        self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
+        self.style_augmentation, self.consistency_weight = style_augmentation, consistency_weight
+        self.classifier, self.contrast_weight, self.dataset_weight = classifier, contrast_weight, dataset_weight
+        if classifier is not None:
+            classifier.requires_grad_(False)
+        self.grad_clip_norm = grad_clip_norm
+        use_scaler = amp and autocast_dtype(device) == torch.float16
+        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    _step = AutoencoderGanTrainer._step
+
+    def _classifier_losses(self, fake: torch.Tensor, batchdata: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the frozen classifier's contrast and dataset predictions on the generated images."""
+        zero = fake.new_zeros(())
+        if self.classifier is None or (self.contrast_weight <= 0 and self.dataset_weight <= 0):
+            return zero, zero
+        self.classifier.eval()
+        contrast_logits, dataset_logits = self.classifier.split(self.classifier(fake))
+        contrast = torch.nn.functional.cross_entropy(contrast_logits, batchdata["contrast"].to(device).long())
+        dataset = (
+            torch.nn.functional.cross_entropy(dataset_logits, batchdata["dataset"].to(device).long())
+            if self.dataset_weight > 0 and dataset_logits.shape[1] > 0
+            else zero
+        )
+        return contrast, dataset
+
+    def _iteration(self, engine: SpadeGanTrainer, batchdata: dict) -> dict:
+        device = engine.state.device
+        labels = batchdata["label"].to(device, non_blocking=engine.non_blocking).float()
+        images = batchdata["image"].to(device, non_blocking=engine.non_blocking).float()
+        styles = batchdata["style"].to(device, non_blocking=engine.non_blocking).float()
+        hard_labels = probabilities_to_one_hot(labels, dim=1)
+        autocast = torch.autocast(torch.device(device).type, enabled=engine.amp, **(engine.amp_kwargs or {}))
+        zero = images.new_zeros(())
+
+        self.generator.train()
+        self.discriminator.train()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            fake, mu, logvar = self.generator(labels, styles)
+            fake_logits, fake_features = self.discriminator(torch.cat([hard_labels, fake], 1))
+            with torch.no_grad():
+                _, real_features = self.discriminator(torch.cat([hard_labels, images], 1))
+            adversarial = hinge_generator_loss(fake_logits)
+            features = feature_matching_loss(fake_features, real_features)
+            kld = kl_divergence_logvar(mu.float(), logvar.float())
+            perceptual = (
+                self.perceptual_loss(fake.float(), images)
+                if self.perceptual_loss is not None and self.perceptual_weight > 0
+                else zero
+            )
+            consistency = zero
+            if self.consistency_weight > 0:
+                augmented = torch.stack([torch.as_tensor(self.style_augmentation(style)) for style in styles])
+                encoder = getattr(self.generator, "module", self.generator)  # the network inside a DDP wrapper
+                consistency = style_consistency_loss(mu, encoder.encode(augmented.to(device))[0])
+            contrast, dataset = self._classifier_losses(fake, batchdata, device)
+            generator_loss = (
+                adversarial + self.feature_weight * features + self.kld_weight * kld
+                + self.perceptual_weight * perceptual + self.consistency_weight * consistency
+                + self.contrast_weight * contrast + self.dataset_weight * dataset
+            )  # fmt: skip
+        self._step(generator_loss, self.generator, self.g_optimizer, self.g_scaler)
+
+        self.d_optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            real_logits, _ = self.discriminator(torch.cat([hard_labels, images], 1))
+            fake_logits, _ = self.discriminator(torch.cat([hard_labels, fake.detach()], 1))
+            discriminator_loss = hinge_discriminator_loss(real_logits, fake_logits)
+        self._step(discriminator_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+
+        return {
+            "loss": generator_loss.detach(),
+            "adversarial": adversarial.detach(),
+            "feature_matching": features.detach(),
+            "kld": kld.detach(),
+            "perceptual": perceptual.detach(),
+            "consistency": consistency.detach(),
+            "contrast": contrast.detach(),
+            "dataset": dataset.detach(),
+            "discriminator": discriminator_loss.detach(),
+        }

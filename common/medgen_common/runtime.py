@@ -125,9 +125,10 @@ def wrap_distributed(network: torch.nn.Module, device: torch.device | str) -> to
 
 def handlers_for_rank(handlers: list) -> list:
     """All ``handlers`` on the main process; on other ranks only those every rank must run (validation, whose
-    metrics are reduced across ranks), so logs and checkpoints are written once."""
+    metrics are reduced across ranks, and learning-rate schedules, which must stay in step), so logs and
+    checkpoints are written once."""
     if is_main_process():
         return list(handlers)
-    from monai.handlers import ValidationHandler
+    from monai.handlers import LrScheduleHandler, ValidationHandler
 
-    return [handler for handler in handlers if isinstance(handler, ValidationHandler)]
+    return [handler for handler in handlers if isinstance(handler, (LrScheduleHandler, ValidationHandler))]
