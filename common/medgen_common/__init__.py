@@ -21,8 +21,11 @@ _SUBMODULES = (
     "label_statistics",
     "losses",
     "metrics",
+    "networks",
     "runtime",
     "sampling",
+    "segmentation_utility",
+    "spade",
     "transforms",
     "writers",
 )

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import nibabel as nib
 
-__all__ = ["DatalistError", "load_datalist", "load_label_datalist", "check_consistent_shapes", "check_channel_count"]
+__all__ = [
+    "DatalistError",
+    "load_datalist",
+    "load_label_datalist",
+    "check_consistent_shapes",
+    "check_channel_count",
+    "make_style_pairs",
+]
 
 
 class DatalistError(ValueError):
@@ -144,3 +151,46 @@ def load_label_datalist(
     entries = load_datalist(datalist_path, split=split, required_keys=(label_key, *other_keys))
     check_channel_count(entries, label_key, channel_names)
     return entries
+
+
+def make_style_pairs(
+    entries: Sequence[dict],
+    contrasts: Sequence[str],
+    subject_key: str = "subject",
+    style_from_same_entry: bool = False,
+) -> list[dict]:
+    """Items for unpaired style training (brainSPADE): one per entry and contrast, holding ``label``, ``image`` (the
+    entry's file of that contrast), ``contrast`` (its index in ``contrasts``), ``subject`` and ``style``: the
+    candidate files a style is drawn from (pick one per epoch with :class:`~medgen_common.transforms.RandPickd`).
+
+    2D (``style_from_same_entry=False``): the candidates are the same contrast's files of the *other* entries of
+    the same subject (other slices), so the style encoder sees the contrast but never the content it must draw.
+    3D (``True``): the candidate is the entry's own volume, from which a slice along another axis is taken
+    (:class:`~medgen_common.transforms.RandSliced`).
+
+    Raises:
+        DatalistError: an entry misses a contrast or the subject key, or a subject has a single entry in 2D.
+    """
+    if len(contrasts) == 0:
+        raise DatalistError("make_style_pairs needs at least one contrast.")
+    by_subject: dict[str, list[dict]] = {}
+    for index, entry in enumerate(entries):
+        missing = [key for key in (subject_key, "label", *contrasts) if key not in entry]
+        if missing:
+            raise DatalistError(f"entry {index} misses key(s) {missing} needed for style pairs; it has {sorted(entry)}.")
+        by_subject.setdefault(entry[subject_key], []).append(entry)
+    items = []
+    for entry in entries:
+        siblings = by_subject[entry[subject_key]]
+        if not style_from_same_entry and len(siblings) < 2:
+            raise DatalistError(
+                f"subject '{entry[subject_key]}' has a single slice: a style slice must be a different slice of the same "
+                "subject (give at least two slices per subject)."
+            )
+        for index, contrast in enumerate(contrasts):
+            style = [entry[contrast]] if style_from_same_entry else [s[contrast] for s in siblings if s is not entry]
+            items.append(
+                {"label": entry["label"], "image": entry[contrast], "style": style, "contrast": index,
+                 "subject": entry[subject_key]}
+            )  # fmt: skip
+    return items

@@ -7,13 +7,16 @@ every voxel summing to 1 ("probabilistic" or partial-volume maps). On disk they 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, ResizeWithPadOrCrop
+from monai.transforms import LoadImage, MapTransform, Randomizable, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
+
+from .writers import save_nifti
 
 __all__ = [
     "normalise_probabilities",
@@ -26,6 +29,10 @@ __all__ = [
     "DivisiblePadOrCropd",
     "LesionSizeConditiond",
     "CheckFinited",
+    "RandPickd",
+    "RandSliced",
+    "LoadStackd",
+    "SaveNamedNiftid",
 ]
 
 
@@ -249,3 +256,111 @@ class CheckFinited(MapTransform):
                 source = getattr(value, "meta", {}).get("filename_or_obj", "<in memory>")
                 raise ValueError(f"'{key}' from '{source}' contains NaN or Inf values.")
         return dict(data)
+
+
+class RandPickd(Randomizable, MapTransform):
+    """Replace the list of candidates under each key by one of them, drawn at random (e.g. the style slice among
+    the other slices of the same subject and contrast, see :func:`medgen_common.datalist.make_style_pairs`).
+
+    Raises:
+        ValueError: a candidate list is empty.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Sequence]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            candidates = d[key]
+            if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+                continue  # already a single value
+            if len(candidates) == 0:
+                raise ValueError(f"'{key}' has no candidates to pick from.")
+            d[key] = candidates[self.R.randint(len(candidates))]
+        return d
+
+
+class RandSliced(Randomizable, MapTransform):
+    """Replace a channel-first 3D image ``[C, X, Y, Z]`` by one random 2D slice ``[C, *, *]`` along ``axis`` (0 =
+    sagittal for RAS volumes), drawn among slices whose non-zero area is at least ``min_area_fraction`` of the
+    largest one (so a style slice shows tissue, not the edge of the head).
+    """
+
+    def __init__(self, keys: KeysCollection, axis: int = 0, min_area_fraction: float = 0.5, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2 (a spatial axis of [C, X, Y, Z]), got {axis}.")
+        self.axis, self.min_area_fraction = axis, min_area_fraction
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=False)
+            if image.ndim != 4:
+                raise ValueError(f"'{key}' must be a channel-first 3D image [C, X, Y, Z], got shape {tuple(image.shape)}.")
+            spatial_axis = self.axis + 1
+            other = tuple(a for a in range(4) if a != spatial_axis)
+            area = (image != 0).sum(dim=other).float()
+            candidates = torch.nonzero(area >= self.min_area_fraction * area.max()).flatten()
+            index = int(candidates[self.R.randint(len(candidates))])
+            d[key] = image.select(spatial_axis, index)
+        return d
+
+
+class LoadStackd(MapTransform):
+    """Load a list of image files under each key and stack them along a new first (channel) axis, ``[K, *shape]``.
+    Unlike ``LoadImaged`` with a list, the files may have different affines (e.g. different slices of a volume);
+    the stack keeps no spatial metadata. All files must have one shape.
+
+    Raises:
+        ValueError: the list is empty or the shapes differ (the message names the file).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, Sequence[str]]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            paths = [d[key]] if isinstance(d[key], str) else list(d[key])
+            if not paths:
+                raise ValueError(f"'{key}' lists no files to load.")
+            images = [convert_to_tensor(self.loader(path), track_meta=False) for path in paths]
+            for path, image in zip(paths, images):
+                if image.shape != images[0].shape:
+                    raise ValueError(
+                        f"'{key}' file '{path}' has shape {tuple(image.shape)}, '{paths[0]}' has {tuple(images[0].shape)}."
+                    )
+            d[key] = torch.stack(images)
+        return d
+
+
+class SaveNamedNiftid(MapTransform):
+    """Write each key's image ``[C, *spatial]`` to ``output_dir/<data[name_key]>[_<key>].nii.gz`` with the affine of
+    ``data[affine_key]`` (a MetaTensor, e.g. the input label map), so outputs overlay their inputs. Single-channel
+    images are written without a channel axis (2D as X x Y x 1), multi-channel ones channel-last.
+
+    Use it where one input gives several outputs (e.g. one label map, several contrasts) and MONAI's ``SaveImaged``
+    would name them alike. The written path is stored under ``<key>_path``.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, output_dir: str, name_key: str = "output_name", affine_key: str | None = None,
+        add_key_suffix: bool = False,
+    ):  # fmt: skip
+        super().__init__(keys)
+        self.output_dir, self.name_key, self.affine_key, self.add_key_suffix = output_dir, name_key, affine_key, add_key_suffix
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        source = d[self.affine_key] if self.affine_key is not None else None
+        affine = getattr(source, "affine", None)
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=False).detach().cpu().float()
+            name = f"{d[self.name_key]}_{key}" if self.add_key_suffix else str(d[self.name_key])
+            path = Path(self.output_dir) / f"{name}.nii.gz"
+            if image.shape[0] == 1:
+                save_nifti(image[0], path, affine, channel_first=False)
+            else:
+                save_nifti(image, path, affine, channel_first=True)
+            d[f"{key}_path"] = str(path)
+        return d

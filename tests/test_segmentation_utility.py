@@ -1,0 +1,298 @@
+"""Tests of medgen_common.segmentation_utility: the loop that asks whether a training set helps a segmenter.
+
+The data are tiny 2D "brains": a disk (background outside) split into three tissues by a smooth random field, with
+soft 4-channel labels stored channels last (X x Y x 1 x C) and images whose intensity band gives the tissue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medgen_common.segmentation_utility import (
+    SliceSegmenter,
+    compare_training_sets,
+    evaluate_segmenter,
+    format_table,
+    group_by_subject,
+    items_for_contrast,
+    load_slice,
+    merge_label_channels,
+    predict_subject,
+    train_segmenter,
+)
+from medgen_common.writers import save_nifti
+
+SIZE = 16
+CLASS_CHANNELS = [0, 1, 2, 3]
+CLASS_NAMES = ["background", "csf", "gm", "wm"]
+TISSUES = CLASS_NAMES[1:]
+# Tissue levels are uneven so that no tissue z-scores to about 0, the value of the background after z-scoring inside
+# the brain (with even levels the middle tissue would look like background voxel by voxel).
+MATCHED_MEANS = (0.0, 0.25, 0.5, 1.5)
+INVERTED_MEANS = (0.0, 1.5, 0.5, 0.25)  # tissue contrast reversed: a segmenter trained on it learns the wrong order
+TRAINING = {"steps": 200, "batch_size": 8, "lr": 3e-3, "seed": 0}
+NUM_TRAINING_SLICES = 128  # with a few dozen, the network memorises the training slices instead of their contrast
+
+
+def _brain_slice(rng: np.random.Generator, class_means: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One slice: image X x Y x 1 (zero outside the disk) and soft label X x Y x 1 x 4 whose argmax is the tissue."""
+    x, y = np.mgrid[:SIZE, :SIZE]
+    centre, radius = rng.uniform(6.5, 9.5, size=2), rng.uniform(5.5, 7.0)
+    brain = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < radius**2
+    field = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), sigma=2.0)
+    low, high = np.quantile(field[brain], [1 / 3, 2 / 3])
+    classes = np.where(brain, 1 + (field > low) + (field > high), 0)
+    label = 0.8 * np.eye(4)[classes] + 0.05  # soft, channels sum to 1, argmax = class
+    image = np.asarray(class_means)[classes] + rng.normal(scale=0.05, size=classes.shape) * brain
+    return image[:, :, None].astype(np.float32), label[:, :, None, :].astype(np.float32)
+
+
+def _items(seed: int, count: int, class_means=MATCHED_MEANS, subjects: int = 1) -> list[dict]:
+    """In-memory items; ``subjects`` subjects share the ``count`` slices, slice indices counting per subject."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for index in range(count):
+        image, label = _brain_slice(rng, class_means)
+        subject, slice_index = divmod(index, count // subjects)
+        items.append({"image": image, "label": label, "subject": f"sub-{subject:03d}", "slice_index": slice_index})
+    return items
+
+
+def _on_disk(items: list[dict], folder) -> list[dict]:
+    """The same items with image and label written as NIfTI files (the demo data's layout)."""
+    stored = []
+    for item in items:
+        stem = folder / f"{item['subject']}_z{item['slice_index']:03d}"
+        image_path = save_nifti(item["image"], f"{stem}_t1.nii.gz", channel_first=False)
+        label_path = save_nifti(item["label"], f"{stem}_label.nii.gz", channel_first=False)
+        stored.append({**item, "image": str(image_path), "label": str(label_path)})
+    return stored
+
+
+@pytest.fixture(scope="module")
+def test_items(tmp_path_factory) -> list[dict]:
+    """Held-out slices of the matched distribution: 3 subjects of 4 slices, as NIfTI files."""
+    return _on_disk(_items(seed=100, count=12, subjects=3), tmp_path_factory.mktemp("test_items"))
+
+
+@pytest.fixture(scope="module")
+def comparison(test_items) -> dict:
+    """One segmenter trained on matched images, one on inverted-contrast images, scored on the same test subjects."""
+    train_sets = {
+        "real": _items(seed=1, count=NUM_TRAINING_SLICES),
+        "inverted": _items(seed=2, count=NUM_TRAINING_SLICES, class_means=INVERTED_MEANS),
+    }
+    return compare_training_sets(
+        train_sets, test_items, CLASS_CHANNELS, merge_into=3, class_names=CLASS_NAMES, reference="real", **TRAINING
+    )
+
+
+# --- targets and loading ---------------------------------------------------------------------------------------------
+
+
+def test_dropped_channels_are_added_to_the_chosen_class():
+    label = torch.zeros(5, 1, 3)
+    label[:, 0, 0] = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.4])  # a lesion voxel: channel 4 most probable
+    label[:, 0, 1] = torch.tensor([0.0, 0.6, 0.2, 0.1, 0.1])
+    label[:, 0, 2] = torch.tensor([0.2, 0.0, 0.5, 0.0, 0.3])
+
+    into_wm = merge_label_channels(label, CLASS_CHANNELS, merge_into=3)
+    assert into_wm.shape == (4, 1, 3)
+    assert torch.allclose(into_wm.sum(0), label.sum(0))
+    assert into_wm.argmax(0).flatten().tolist() == [3, 1, 2]
+
+    into_gm = merge_label_channels(label, CLASS_CHANNELS, merge_into={4: 2})
+    assert into_gm.argmax(0).flatten().tolist() == [2, 1, 2]
+    assert torch.allclose(into_gm[2, 0, 2], torch.tensor(0.8))
+
+    kept_lesion = merge_label_channels(label, [0, 1, 2, 3, 4], merge_into=3)  # nothing dropped
+    assert torch.equal(kept_lesion, label)
+
+
+def test_merge_rules_must_name_kept_channels_and_cover_every_dropped_one():
+    label = torch.full((6, 2, 2), 1 / 6)
+    with pytest.raises(ValueError, match=r"merge_into must name kept channels.*\[5\]"):
+        merge_label_channels(label, CLASS_CHANNELS, merge_into=5)
+    with pytest.raises(ValueError, match=r"no kept channel for label channel\(s\) \[5\]"):
+        merge_label_channels(label, CLASS_CHANNELS, merge_into={4: 3})
+    with pytest.raises(ValueError, match="at least 2 label channels"):
+        merge_label_channels(label, [0], merge_into=0)
+
+
+def test_files_and_arrays_load_alike_with_the_image_z_scored_inside_the_brain(tmp_path):
+    (item,) = _items(seed=3, count=1)
+    (stored,) = _on_disk([item], tmp_path)
+    image, target = load_slice(item, CLASS_CHANNELS, merge_into=3)
+    image_from_file, target_from_file = load_slice(stored, CLASS_CHANNELS, merge_into=3)
+
+    assert image.shape == target.shape == (1, SIZE, SIZE)
+    assert image.dtype == torch.float32 and target.dtype == torch.int64
+    assert torch.allclose(image, image_from_file) and torch.equal(target, target_from_file)
+    assert torch.equal(target[0], torch.from_numpy(item["label"][:, :, 0].argmax(-1)))
+    brain = torch.from_numpy(item["image"][:, :, 0] != 0)
+    assert torch.all(image[0][~brain] == 0)
+    assert abs(float(image[0][brain].mean())) < 1e-5 and abs(float(image[0][brain].std(correction=0)) - 1) < 1e-4
+
+
+# --- 3D reassembly ---------------------------------------------------------------------------------------------------
+
+
+class NonZeroIsForeground(torch.nn.Module):
+    """A perfect segmenter for the square phantoms below: class 1 wherever the z-scored image is non-zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # gives the network a device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        foreground = (images != 0).float()
+        return torch.cat([1 - foreground, foreground], dim=1)
+
+
+def _square_item(subject: str, slice_index: int, side: int) -> dict:
+    """A slice whose foreground is a ``side`` x ``side`` square (checkerboard of 1 and 2, so z-scoring keeps it)."""
+    x, y = np.mgrid[:8, :8]
+    inside = (x < side) & (y < side)
+    image = np.where(inside, 1.0 + (x + y) % 2, 0.0)
+    label = np.stack([~inside, inside], axis=-1).astype(np.float32)
+    return {"image": image, "label": label, "subject": subject, "slice_index": slice_index}
+
+
+def test_slices_are_stacked_into_a_volume_in_slice_index_order():
+    side_by_slice = {7: 6, 2: 2, 5: 4}
+    items = [_square_item("sub-a", index, side) for index, side in side_by_slice.items()]  # given out of order
+    prediction, target = predict_subject(NonZeroIsForeground(), items, [0, 1], merge_into=0)
+
+    assert prediction.shape == target.shape == (8, 8, 3)
+    assert target.sum(dim=(0, 1)).tolist() == [4, 16, 36]  # sides 2, 4, 6 for slices 2, 5, 7
+    assert torch.equal(prediction, target)
+
+
+def test_evaluation_groups_flat_items_by_subject_and_scores_in_3d():
+    items = [_square_item("sub-b", 3, 5), _square_item("sub-a", 1, 3), _square_item("sub-b", 0, 2)]
+    scores = evaluate_segmenter(NonZeroIsForeground(), items, [0, 1], merge_into=0, class_names=["bg", "fg"])
+    assert scores["per_subject"] == {"sub-b": {"fg": 1.0}, "sub-a": {"fg": 1.0}}
+    assert scores["mean"] == {"fg": 1.0}
+    with_background = evaluate_segmenter(NonZeroIsForeground(), items, [0, 1], merge_into=0, include_background=True)
+    assert with_background["mean"] == {"class_0": 1.0, "class_1": 1.0}
+
+    assert list(group_by_subject(items)) == ["sub-b", "sub-a"]
+
+
+# --- the comparison: useful and useless training data ----------------------------------------------------------------
+
+
+def test_training_on_matched_data_segments_held_out_subjects(comparison):
+    assert comparison["reference"] == "real"
+    assert set(comparison["per_subject"]["real"]) == {"sub-000", "sub-001", "sub-002"}
+    for tissue in TISSUES:
+        assert comparison["mean_dice"]["real"][tissue] > 0.8, comparison["mean_dice"]["real"]
+        assert comparison["ratio_to_reference"]["real"][tissue] == pytest.approx(1.0)
+    assert "background" not in comparison["mean_dice"]["real"]
+
+
+def test_training_on_inverted_contrast_scores_much_lower(comparison):
+    inverted, ratios = comparison["mean_dice"]["inverted"], comparison["ratio_to_reference"]["inverted"]
+    # the outer tissues swap places; only the middle band keeps its label
+    assert inverted["csf"] < 0.3 and inverted["wm"] < 0.3, inverted
+    assert sum(ratios.values()) / len(ratios) < 0.6, ratios
+    for tissue in TISSUES:
+        assert ratios[tissue] == pytest.approx(inverted[tissue] / comparison["mean_dice"]["real"][tissue])
+
+
+def test_table_lists_each_training_set_with_dice_and_ratio(comparison):
+    table = format_table(comparison)
+    lines = table.splitlines()
+    assert "ratio to 'real'" in lines[0]
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == ["training set", "items", *TISSUES]
+    real_row = [cell.strip() for cell in lines[4].strip("|").split("|")]
+    assert real_row[:2] == ["real", str(NUM_TRAINING_SLICES)]
+    assert real_row[2] == f"{comparison['mean_dice']['real']['csf']:.3f} (1.00)"
+    assert lines[5].startswith("| inverted")
+
+
+# --- determinism -----------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_segmenter_and_leaves_the_global_random_state_alone():
+    items = _items(seed=4, count=8)
+    settings = {"steps": 15, "batch_size": 4, "lr": 3e-3}
+    global_state = torch.random.get_rng_state()
+    first = train_segmenter(items, CLASS_CHANNELS, merge_into=3, seed=7, **settings)
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    torch.manual_seed(123)  # the global state must not matter
+    second = train_segmenter(items, CLASS_CHANNELS, merge_into=3, seed=7, **settings)
+    other_seed = train_segmenter(items, CLASS_CHANNELS, merge_into=3, seed=8, **settings)
+
+    assert isinstance(first, SliceSegmenter) and not first.training
+    for name, weight in first.state_dict().items():
+        assert torch.equal(weight, second.state_dict()[name]), name
+    assert any(not torch.equal(w, other_seed.state_dict()[n]) for n, w in first.state_dict().items())
+
+
+def test_segmenter_takes_slices_not_divisible_by_its_downsampling():
+    network = SliceSegmenter(num_classes=3, channels=(4, 8, 16))
+    assert network(torch.randn(2, 1, 13, 7)).shape == (2, 3, 13, 7)
+
+
+# --- errors ----------------------------------------------------------------------------------------------------------
+
+
+def test_empty_training_sets_are_refused_by_name(test_items):
+    with pytest.raises(ValueError, match="training set is empty"):
+        train_segmenter([], CLASS_CHANNELS, merge_into=3)
+    with pytest.raises(ValueError, match="training set 'synthetic' is empty"):
+        compare_training_sets({"real": _items(5, 2), "synthetic": []}, test_items, CLASS_CHANNELS, merge_into=3)
+    with pytest.raises(ValueError, match=r"reference training set 'real' is not among.*\['synthetic'\]"):
+        compare_training_sets({"synthetic": _items(5, 2)}, test_items, CLASS_CHANNELS, merge_into=3)
+
+
+def test_items_missing_image_or_label_are_named():
+    items = _items(seed=6, count=3)
+    del items[2]["label"]
+    expected = r"training set item 2 \(subject 'sub-000', slice 2\) misses key\(s\) \['label'\]"
+    with pytest.raises(ValueError, match=expected):
+        train_segmenter(items, CLASS_CHANNELS, merge_into=3, steps=1)
+    with pytest.raises(ValueError, match=r"misses key\(s\) \['image'\]"):
+        load_slice({"label": items[0]["label"]}, CLASS_CHANNELS, merge_into=3)
+
+
+def test_labels_with_fewer_channels_than_the_classes_are_refused(tmp_path):
+    (item,) = _on_disk(_items(seed=7, count=1), tmp_path)
+    expected = r"_label\.nii\.gz.*has 4 channels.*fewer than class_channels \[0, 1, 2, 3, 5\]"
+    with pytest.raises(ValueError, match=expected):
+        load_slice({"image": item["image"], "label": item["label"]}, [0, 1, 2, 3, 5], merge_into=3)
+
+
+def test_nan_in_an_image_or_label_names_the_item(tmp_path):
+    items = _items(seed=8, count=3)
+    items[1]["image"][4, 4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"item 1 \(subject 'sub-000', slice 1\): the image contains NaN"):
+        train_segmenter(items, CLASS_CHANNELS, merge_into=3, steps=1)
+    (bad_label,) = _items(seed=9, count=1)
+    bad_label["label"][0, 0, 0, 2] = np.nan
+    (stored,) = _on_disk([bad_label], tmp_path)
+    expected = r"test item \(subject 'sub-000', slice 0\): the label '.*sub-000_z000_label\.nii\.gz' contains NaN"
+    with pytest.raises(ValueError, match=expected):
+        evaluate_segmenter(NonZeroIsForeground(), [stored], CLASS_CHANNELS, merge_into=3)
+
+
+def test_subjects_need_distinct_slice_indices_to_be_stacked():
+    repeated = [_square_item("sub-a", 1, 2), _square_item("sub-a", 1, 3)]
+    with pytest.raises(ValueError, match=r"sub-a' has several slices with slice_index \[1\]"):
+        predict_subject(NonZeroIsForeground(), repeated, [0, 1], merge_into=0)
+    no_index = {"image": np.ones((8, 8)), "label": np.ones((8, 8, 2)), "subject": "sub-a"}
+    unindexed = [_square_item("sub-a", 1, 2), no_index]
+    with pytest.raises(ValueError, match=r"item\(s\) \[1\] have no 'slice_index'"):
+        evaluate_segmenter(NonZeroIsForeground(), unindexed, [0, 1], merge_into=0)
+
+
+def test_contrast_items_take_the_image_from_the_named_contrast():
+    entries = [{"label": "a_label.nii.gz", "t1": "a_t1.nii.gz", "t2": "a_t2.nii.gz", "subject": "a", "slice_index": 3}]
+    (item,) = items_for_contrast(entries, "t2")
+    assert item["image"] == "a_t2.nii.gz" and item["label"] == "a_label.nii.gz" and item["slice_index"] == 3
+    with pytest.raises(ValueError, match=r"entry 0 has no 'flair' image"):
+        items_for_contrast(entries, "flair")
