@@ -131,7 +131,8 @@ def test_networks_match_declared_input_and_output(bundle_root):
         parser.read_config(configs)
         network = parser.get_parsed_content(network_id).eval()
         with torch.no_grad():
-            output = getattr(network, method)(torch.rand(1, image["num_channels"], *image["spatial_shape"]))
+            inputs = torch.rand(1, image["num_channels"], *image["spatial_shape"])
+            output = getattr(network, method)(inputs, **_fake_forward_args(spec))
         assert output.shape[1] == pred["num_channels"], f"{network_id}.{method}: {output.shape[1]} channels"
         assert list(output.shape[2:]) == list(pred["spatial_shape"]), f"{network_id}.{method}: shape {output.shape}"
         assert str(output.dtype).replace("torch.", "") == pred["dtype"]
@@ -186,7 +187,7 @@ def test_inference_writes_outputs_of_declared_shape_and_dtype(trained_bundle, tm
     overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir), output_dir=str(tmp_path))
     harness.run_workflow(bundle_root, configs, overrides=overrides, log_file=tmp_path / "inference.log")
     outputs = sorted(tmp_path.glob(manifest["inference"]["output_glob"]))
-    assert len(outputs) == TEST_INFERENCE_OVERRIDES["num_samples"]
+    assert len(outputs) == TEST_INFERENCE_OVERRIDES["num_samples"] * manifest["inference"].get("outputs_per_sample", 1)
     num_channels, spatial_shape, dtype = _expected_output_format(bundle_root, configs, overrides)
     harness.check_output_files(outputs, num_channels, spatial_shape, dtype)
     assert (tmp_path / manifest["inference"]["preview"]).is_file()

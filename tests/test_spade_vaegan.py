@@ -234,3 +234,47 @@ def test_full_scale_perceptual_loss_without_weights_fails_clearly(tmp_path):
         parser.get_parsed_content("perceptual_loss")
     assert isinstance(error.value.__cause__, FileNotFoundError)
     assert "perceptual_vgg.pth" in str(error.value.__cause__) and "Nothing is downloaded" in str(error.value.__cause__)
+
+
+def test_patch_trained_generator_decodes_a_larger_map_by_sliding_window():
+    generator = _generator(spatial_dims=3, shape=(16, 16, 8)).eval()
+    inferer = StyleSpadeInferer(roi_size=(16, 16, 8))
+    labels = torch.rand(2, 4, 16, 16, 20).softmax(1)  # 20 axial slices, patches of 8
+    with torch.no_grad():
+        images = inferer(labels, generator, torch.rand(2, 1, 32, 32), contrast=torch.tensor([0, 0]))
+    assert images.shape == (2, 1, 16, 16, 20) and torch.isfinite(images).all()
+
+
+def _parser(*names, **overrides):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in names])
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def test_3d_demo_config_trains_one_iteration_with_sagittal_styles(tmp_path):
+    from medgen_common.demo_data import GENERATORS
+
+    GENERATORS["brain"](tmp_path / "data", n_subjects=3, seed=2, slices_per_subject=2)
+    parser = _parser(
+        "train_classifier.json", "train_spade.json", "3d_2mm.json", "demo_3d.json", bundle_root=str(tmp_path),
+        dataset_dir=str(tmp_path / "data" / "demo"), device_name="cpu", epochs=1, epoch_length=1, batch_size=1,
+    )  # fmt: skip
+    batch = parser.get_parsed_content("train#dataset")[0]
+    assert batch["label"].shape == (8, 56, 72, 64) and batch["image"].shape == (1, 56, 72, 64)
+    assert batch["style"].shape == (1, 72, 64)  # a sagittal slice of the same volume and contrast
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.classifier is None  # no modality classifier in 3D (chapter: weights 0)
+    trainer.run()
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_1mm_config_trains_on_axial_chunks_and_samples_whole_volumes():
+    parser = _parser("inference.json", "3d_2mm.json", "3d_1mm.json")
+    assert parser.get_parsed_content("patch_size") == [160, 176, 64]
+    generator = parser.get_parsed_content("network_def")
+    assert generator.decoder.latent_spatial_shape == [10, 11, 4]  # 4 upsamplings of a 64-slice chunk
+    assert list(parser.get_parsed_content("inferer").roi_size) == [160, 176, 64]
+    train = _parser("train_classifier.json", "train_spade.json", "3d_2mm.json", "3d_1mm.json")
+    assert train.get_parsed_content("patch_crop").cropper.roi_size == [160, 176, 64]

@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from tools import brainspade_pipeline
 from tools import bundles as harness
 
 # the brainSPADE pipeline first (labels, then images), then the others in the order of the README's table
@@ -129,6 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         lines += [f"Samples: `{(work / 'samples').relative_to(args.out)}` (NIfTI + `{result['manifest']['inference']['preview']}`)", ""]
         lines += ["Evaluation:", ""] + _summarise(result["report"]) + [""]
         (args.out / "report.md").write_text("\n".join(lines))  # rewritten after each bundle: partial runs still report
+    if {"brainspade_label_ldm", "spade_vaegan"} <= set(names):
+        lines += ["## brainSPADE pipeline: labels, then images, then a segmenter trained on them", ""]
+        start = time.perf_counter()
+        brainspade_pipeline.main(["--demo-dir", str(args.out), "--device", args.device, "--seed", str(args.seed)])
+        table = (args.out / "brainspade_pipeline" / "downstream.md").read_text()
+        lines += [f"`python -m tools.brainspade_pipeline --demo-dir {args.out.name}` ({time.perf_counter() - start:.0f} s)", "", table]
+        (args.out / "report.md").write_text("\n".join(lines))
     print(f"report written to {args.out / 'report.md'}")
 
 

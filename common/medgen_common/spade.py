@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import Inferer
+from monai.inferers import Inferer, sliding_window_inference
 from torch import nn
 
 __all__ = ["make_synthesis_items", "StyleSpadeInferer", "tissue_means", "intensity_ordering", "synthesis_report"]
@@ -65,12 +65,30 @@ class StyleSpadeInferer(Inferer):
     a ``classifier`` (2D), keep a sample once its requested contrast has probability >= ``threshold``, else move to
     the next style. Samples never accepted keep the most probable try. Without a classifier the first style is used.
     After a call, ``last_tries`` ``[B]`` and ``last_probability`` ``[B]`` (NaN without a classifier) describe it.
+
+    With ``roi_size`` (a generator trained on patches, e.g. 1 mm axial chunks), the label map is decoded by MONAI's
+    sliding-window inference over patches of that size, every patch with the same style code.
     """
 
-    def __init__(self, classifier: nn.Module | None = None, threshold: float = 0.75, sample_style: bool = False):
+    def __init__(
+        self, classifier: nn.Module | None = None, threshold: float = 0.75, sample_style: bool = False,
+        roi_size: Sequence[int] | None = None, overlap: float = 0.25,
+    ):  # fmt: skip
         super().__init__()
         self.classifier, self.threshold, self.sample_style = classifier, threshold, sample_style
+        self.roi_size, self.overlap = roi_size, overlap
         self.last_tries = self.last_probability = torch.empty(0)
+
+    def _decode(self, network: nn.Module, labels: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        if self.roi_size is None or list(self.roi_size) == list(labels.shape[2:]):
+            return network.decode(labels, code)
+        return torch.cat([
+            sliding_window_inference(
+                label[None], list(self.roi_size), sw_batch_size=1, overlap=self.overlap, mode="gaussian",
+                predictor=lambda patches, z=z: network.decode(patches, z[None].expand(patches.shape[0], -1)),
+            )
+            for label, z in zip(labels, code)
+        ])  # fmt: skip
 
     def __call__(  # type: ignore[override]
         self, labels: torch.Tensor, network: nn.Module, styles: torch.Tensor, contrast: torch.Tensor, **kwargs
@@ -83,7 +101,7 @@ class StyleSpadeInferer(Inferer):
         for k in range(candidates):
             mu, logvar = network.encode(styles[:, k : k + 1])
             code = network.sample(mu, logvar) if self.sample_style else mu
-            images = network.decode(labels, code)
+            images = self._decode(network, labels, code)
             if self.classifier is None:
                 output, tries = images, torch.ones(batch, dtype=torch.long)
                 probability = torch.full((batch,), float("nan"))
