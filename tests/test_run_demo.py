@@ -24,7 +24,8 @@ def test_overrides_are_read_as_json_when_possible():
 
 
 def test_demo_runs_every_bundle_and_writes_the_report(tmp_path):
-    command = [sys.executable, "-m", "tools.run_demo", "--out", "demo_out", "--subjects", "4", "--device", "cpu"]
+    command = [sys.executable, "-m", "tools.run_demo", "--out", "demo_out", "--subjects", "4", "--device", "cpu",
+               "--pipeline-labels", "2", "--pipeline-steps", "3"]  # fmt: skip
     command += [arg for key, value in QUICK.items() for arg in ("--override", f"{key}={value}")]
     env = harness.worker_environment()
     env["PYTHONPATH"] = str(harness.REPO_ROOT)  # tools/ is run from the repository, not installed
@@ -35,3 +36,5 @@ def test_demo_runs_every_bundle_and_writes_the_report(tmp_path):
         assert f"## {bundle_root.name}" in report
         assert (tmp_path / "demo_out" / bundle_root.name / "samples").is_dir()
     assert "Evaluation:" in report
+    assert "## brainSPADE pipeline" in report and "synthetic t1" in report  # the downstream table
+    assert (tmp_path / "demo_out" / "brainspade_pipeline" / "datalist_synthetic.json").is_file()

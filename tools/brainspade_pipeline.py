@@ -2,7 +2,7 @@
 ``brainspade_label_ldm``, synthetic images of them from ``spade_vaegan``, then the same segmenter trained on real,
 synthetic and real + synthetic data and tested on held-out real subjects (Dice per tissue, in 3D).
 
-    python -m tools.brainspade_pipeline --demo-dir demo [--num-labels 400] [--contrast t1] [--ood-contrast flair]
+    python -m tools.brainspade_pipeline --demo-dir demo [--num-labels 200] [--contrast t1] [--ood-contrast flair]
 
 ``--demo-dir`` is the output of ``python -m tools.run_demo`` (trained bundles in ``<demo>/<bundle>/bundle``, data in
 ``<demo>/<bundle>/data``); ``--label-bundle``, ``--image-bundle`` and ``--dataset-dir`` point elsewhere. Writes
@@ -31,11 +31,11 @@ TISSUES = ("csf", "gm", "wm")
 
 def synthesise(
     label_bundle: Path, image_bundle: Path, dataset_dir: Path, out: Path, num_labels: int, contrasts: list[str],
-    device: str, seed: int,
+    device: str, seed: int, overrides: dict | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Run label-LDM inference then SPADE inference; return datalist entries ``{"image", "label", "subject",
-    "slice_index", "contrast"}`` of the synthetic pairs."""
-    common = {"dataset_dir": str(dataset_dir), "device_name": device, "seed": seed}
+    """Run label-LDM inference then SPADE inference (``overrides`` go to both); return datalist entries
+    ``{"image", "label", "subject", "slice_index", "contrast"}`` of the synthetic pairs."""
+    common = {**(overrides or {}), "dataset_dir": str(dataset_dir), "device_name": device, "seed": seed}
     for name, bundle, overrides in (
         ("labels", label_bundle, {"num_samples": num_labels, "output_dir": str(out / "labels")}),
         ("images", image_bundle, {
@@ -99,13 +99,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-bundle", type=Path, help="trained spade_vaegan (default: in --demo-dir)")
     parser.add_argument("--dataset-dir", type=Path, help="folder of datalist_2d.json (default: spade_vaegan's demo data)")
     parser.add_argument("--out", type=Path, help="output folder (default: <demo-dir>/brainspade_pipeline)")
-    parser.add_argument("--num-labels", type=int, default=400, help="synthetic label maps (default 400)")
+    parser.add_argument("--num-labels", type=int, default=200, help="synthetic label maps (default 200)")
     parser.add_argument("--contrast", default="t1", help="contrast of the in-distribution experiment (default t1)")
     parser.add_argument("--ood-contrast", default="flair", help="unseen contrast of the OOD experiment ('' to skip)")
-    parser.add_argument("--steps", type=int, default=800, help="segmenter training steps per set (default 800)")
+    parser.add_argument("--steps", type=int, default=500, help="segmenter training steps per set (default 500)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for both inference runs, e.g. num_inference_steps=20 (JSON values; repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    overrides = {}
+    for pair in args.override:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     demo = args.demo_dir.resolve()
     label_bundle = (args.label_bundle or demo / "brainspade_label_ldm" / "bundle").resolve()
     image_bundle = (args.image_bundle or demo / "spade_vaegan" / "bundle").resolve()
@@ -119,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     contrasts = [c for c in dict.fromkeys([args.contrast, args.ood_contrast]) if c]
 
     start = time.perf_counter()
-    synthetic = synthesise(label_bundle, image_bundle, dataset_dir, out, args.num_labels, contrasts, args.device, args.seed)
+    synthetic = synthesise(
+        label_bundle, image_bundle, dataset_dir, out, args.num_labels, contrasts, args.device, args.seed, overrides
+    )
     write_json({"training": synthetic, "channels": channel_names}, out / "datalist_synthetic.json")
     report = {"num_synthetic_labels": args.num_labels, "synthesis_s": time.perf_counter() - start}
     tables = []

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         "--override", action="append", default=[], metavar="KEY=VALUE",
         help="config override passed to every workflow, e.g. epochs=5 (JSON values; repeatable)",
     )  # fmt: skip
+    parser.add_argument("--pipeline-labels", type=int, default=200, help="synthetic labels of the brainSPADE pipeline")
+    parser.add_argument("--pipeline-steps", type=int, default=500, help="segmenter steps of the brainSPADE pipeline")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     try:
@@ -133,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     if {"brainspade_label_ldm", "spade_vaegan"} <= set(names):
         lines += ["## brainSPADE pipeline: labels, then images, then a segmenter trained on them", ""]
         start = time.perf_counter()
-        brainspade_pipeline.main(["--demo-dir", str(args.out), "--device", args.device, "--seed", str(args.seed)])
+        brainspade_pipeline.main(
+            ["--demo-dir", str(args.out), "--device", args.device, "--seed", str(args.seed), "--num-labels",
+             str(args.pipeline_labels), "--steps", str(args.pipeline_steps)]
+            + [f"--override={pair}" for pair in args.override]
+        )  # fmt: skip
         table = (args.out / "brainspade_pipeline" / "downstream.md").read_text()
         lines += [f"`python -m tools.brainspade_pipeline --demo-dir {args.out.name}` ({time.perf_counter() - start:.0f} s)", "", table]
         (args.out / "report.md").write_text("\n".join(lines))
