@@ -278,3 +278,31 @@ def test_1mm_config_trains_on_axial_chunks_and_samples_whole_volumes():
     assert list(parser.get_parsed_content("inferer").roi_size) == [160, 176, 64]
     train = _parser("train_classifier.json", "train_spade.json", "3d_2mm.json", "3d_1mm.json")
     assert train.get_parsed_content("patch_crop").cropper.roi_size == [160, 176, 64]
+
+
+def test_synthesis_report_scores_contrast_ordering_and_style_swaps(tmp_path):
+    from medgen_common.spade import synthesis_report
+
+    channel_names = ["background", "csf", "gm", "wm"]
+    label = np.zeros((4, 8, 8), np.float32)
+    label[0, :2], label[1, 2:4], label[2, 4:6], label[3, 6:] = 1, 1, 1, 1  # rows of background, csf, gm, wm
+    label_path = str(save_nifti(label, tmp_path / "a_label.nii.gz"))
+    rows = {"t1": [0.0, 0.1, 0.5, 0.9], "t2": [0.0, 0.9, 0.5, 0.2]}  # intensity of each class row
+
+    def image(values):
+        return np.repeat(np.repeat(np.asarray(values, np.float32), 2)[:, None], 8, 1)
+
+    real = {c: [str(save_nifti(image(v), tmp_path / f"real_{c}.nii.gz", channel_first=False))] for c, v in rows.items()}
+    out = tmp_path / "out"
+    save_nifti(image(rows["t1"]), out / "a_t1.nii.gz", channel_first=False)  # keeps T1 ordering
+    save_nifti(image(rows["t1"]), out / "a_t2.nii.gz", channel_first=False)  # ignores the T2 style
+    items = [
+        {"label": label_path, "contrast": i, "contrast_name": c, "output_name": f"a_{c}"} for i, c in enumerate(("t1", "t2"))
+    ]
+    report = synthesis_report(items, str(out), channel_names, real, [label_path])
+    assert report["expected_ordering"] == {"t1": "wm > gm > csf", "t2": "csf > gm > wm"}
+    assert report["ordering_match_rate"] == {"t1": 1.0, "t2": 0.0, "all": 0.5}
+    assert report["style_swap_rate"] == {"t1-t2": 0.0, "all": 0.0}
+    save_nifti(image(rows["t2"]), out / "a_t2.nii.gz", channel_first=False)
+    report = synthesis_report(items, str(out), channel_names, real, [label_path])
+    assert report["style_swap_rate"] == {"t1-t2": 1.0, "all": 1.0}

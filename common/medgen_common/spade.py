@@ -168,8 +168,9 @@ def synthesis_report(
       (paired with ``real_labels`` in order), e.g. T1 ``wm > gm > csf``, T2 ``csf > gm > wm``;
     - ``ordering_match_rate``: per contrast and overall, the fraction of generated images whose ordering of mean
       tissue intensity (inside the label's argmax) is the expected one;
-    - ``style_swap_rate``: the fraction of label maps for which the image of *every* contrast has that contrast's
-      ordering (swapping the style of a fixed label changes the ordering accordingly);
+    - ``style_swap_rate``: per pair of contrasts (``"t1-t2"``) and for all of them together (``"all"``), the fraction
+      of label maps whose images of those contrasts each have their own contrast's ordering: swapping the style of a
+      fixed label changes the ordering accordingly (pairs whose expected orderings are equal are left out);
     - ``classifier_accuracy``: with a classifier, the fraction of generated 2D images it assigns to the requested
       contrast.
     """
@@ -182,7 +183,7 @@ def synthesis_report(
         means = torch.cat([tissue_means(i[None], l[None], channels) for i, l in zip(images, labels)])
         expected[name] = intensity_ordering(torch.nanmean(means, 0, keepdim=True), tissues)[0]
     matches: dict[str, list[bool]] = {name: [] for _, name in contrasts}
-    by_label: dict[str, list[bool]] = {}
+    by_label: dict[str, dict[str, bool]] = {}
     predictions = []
     for item in items:
         image = _load_channel_first(f"{output_dir}/{item['output_name']}.nii.gz")
@@ -190,7 +191,7 @@ def synthesis_report(
         ordering = intensity_ordering(tissue_means(image[None], label[None], channels), tissues)[0]
         match = ordering == expected[item["contrast_name"]]
         matches[item["contrast_name"]].append(match)
-        by_label.setdefault(str(item["label"]), []).append(match)
+        by_label.setdefault(str(item["label"]), {})[item["contrast_name"]] = match
         if classifier is not None and image.ndim == 3:
             with torch.no_grad():
                 logits = classifier.split(classifier(image[None].to(next(classifier.parameters()).device)))[0]
@@ -203,7 +204,13 @@ def synthesis_report(
         "ordering_match_rate": {
             **{name: float(np.mean(values)) for name, values in matches.items()}, "all": float(np.mean(every))
         },
-        "style_swap_rate": float(np.mean([all(values) for values in by_label.values()])),
+        "style_swap_rate": {
+            **{
+                f"{a}-{b}": float(np.mean([m[a] and m[b] for m in by_label.values() if a in m and b in m]))
+                for i, (_, a) in enumerate(contrasts) for _, b in contrasts[i + 1 :] if expected[a] != expected[b]
+            },
+            "all": float(np.mean([all(m.values()) for m in by_label.values()])),
+        },
     }
     if predictions:
         report["classifier_accuracy"] = float(np.mean(predictions))
