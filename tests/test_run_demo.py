@@ -9,18 +9,17 @@ import sys
 import pytest
 
 from tools import bundles as harness
-from tools.run_demo import _parse_overrides
 
 QUICK = {"epochs": 1, "epoch_length": 2, "batch_size": 2, "val_interval": 1, "num_samples": 2,
          "num_samples_per_group": 1, "num_inference_steps": 2, "num_threads": 1}  # fmt: skip
 
 
 def test_overrides_are_read_as_json_when_possible():
-    assert _parse_overrides(["epochs=5", "device_name=cpu", "image_size=[8, 8]"]) == {
+    assert harness.parse_overrides(["epochs=5", "device_name=cpu", "image_size=[8, 8]"]) == {
         "epochs": 5, "device_name": "cpu", "image_size": [8, 8]
     }  # fmt: skip
     with pytest.raises(ValueError, match="not KEY=VALUE"):
-        _parse_overrides(["epochs"])
+        harness.parse_overrides(["epochs"])
 
 
 def test_demo_runs_every_bundle_and_writes_the_report(tmp_path):

@@ -110,13 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         help="config override for both inference runs, e.g. num_inference_steps=20 (JSON values; repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    overrides = {}
-    for pair in args.override:
-        key, _, value = pair.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    try:
+        overrides = harness.parse_overrides(args.override)
+    except ValueError as err:
+        parser.error(str(err))
     demo = args.demo_dir.resolve()
     label_bundle = (args.label_bundle or demo / "brainspade_label_ldm" / "bundle").resolve()
     image_bundle = (args.image_bundle or demo / "spade_vaegan" / "bundle").resolve()

@@ -73,6 +73,21 @@ def _format_override(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["epochs=5", "device_name=cpu"]`` -> ``{"epochs": 5, "device_name": "cpu"}`` (values read as JSON when they
+    parse, as strings otherwise)."""
+    overrides = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise ValueError(f"override '{pair}' is not KEY=VALUE.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def run_workflow(
     bundle_root: Path,
     config_files: Sequence[str],

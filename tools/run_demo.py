@@ -50,21 +50,6 @@ def _summarise(value, depth: int = 0) -> list[str]:
     return lines
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=5", "device_name=cpu"]`` -> ``{"epochs": 5, "device_name": "cpu"}`` (values read as JSON when they
-    parse, as strings otherwise)."""
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"override '{pair}' is not KEY=VALUE.")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
 def run_bundle(
     source: Path, out_dir: Path, subjects: int | None, device: str, seed: int, overrides: dict | None = None
 ) -> dict:
@@ -113,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     try:
-        overrides = _parse_overrides(args.override)
+        overrides = harness.parse_overrides(args.override)
     except ValueError as err:
         parser.error(str(err))
 
