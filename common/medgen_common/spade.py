@@ -177,9 +177,9 @@ def synthesis_report(
     channels = [list(channel_names).index(name) for name in tissues]
     contrasts = sorted({(item["contrast"], item["contrast_name"]) for item in items})
     expected = {}
+    labels = [_load_channel_first(path) for path in real_labels]
     for _, name in contrasts:
         images = [_load_channel_first(path) for path in real_pool[name]]
-        labels = [_load_channel_first(path) for path in real_labels]
         means = torch.cat([tissue_means(i[None], l[None], channels) for i, l in zip(images, labels)])
         expected[name] = intensity_ordering(torch.nanmean(means, 0, keepdim=True), tissues)[0]
     matches: dict[str, list[bool]] = {name: [] for _, name in contrasts}
