@@ -306,3 +306,14 @@ def test_synthesis_report_scores_contrast_ordering_and_style_swaps(tmp_path):
     save_nifti(image(rows["t2"]), out / "a_t2.nii.gz", channel_first=False)
     report = synthesis_report(items, str(out), channel_names, real, [label_path])
     assert report["style_swap_rate"] == {"t1-t2": 1.0, "all": 1.0}
+
+
+@pytest.mark.parametrize("override", [[], ["demo.json"]])
+def test_training_and_inference_define_the_same_networks(override):
+    """The generator and classifier are written in the training configs and again in inference.json: they must agree."""
+    training = _parser("train_classifier.json", "train_spade.json", *override)
+    inference = _parser("inference.json", *override)
+    for trained_id, used_id in (("generator_def", "network_def"), ("classifier_def", "classifier_def")):
+        trained, used = training.get_parsed_content(trained_id), inference.get_parsed_content(used_id)
+        assert trained.state_dict().keys() == used.state_dict().keys()
+        assert [p.shape for p in trained.parameters()] == [p.shape for p in used.parameters()]
