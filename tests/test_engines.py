@@ -15,7 +15,9 @@ from medgen_common.engines import (
     AutoencoderGanTrainer,
     LatentDiffusionPrepareBatch,
     ReconstructionInferer,
+    apply_output_activation,
     compute_latent_scale_factor,
+    fit_output_temperature,
 )
 from medgen_common.losses import RandomFeaturePerceptualLoss, kl_divergence, load_perceptual_loss
 from medgen_common.sampling import LatentDiffusionSampler, SeededNoisePrepareBatch, make_sample_specs, make_scheduler
@@ -99,6 +101,7 @@ def test_latent_prepare_batch_encodes_pads_and_drops_conditions():
     )  # fmt: skip
     latents, target, args, kwargs = prepare({"label": _label_batch(64, size=20), "c": condition}, device="cpu")
     assert latents.shape == (64, 2, 12, 12)  # 20 -> latent 10 (one down-sampling), padded to 12
+    assert type(latents) is torch.Tensor  # not a MetaTensor from the pad: that slows every op of the network
     assert torch.equal(latents[:, :, 0], torch.zeros_like(latents[:, :, 0]))  # the padded border is zero
     assert torch.equal(target, kwargs["noise"]) and kwargs["timesteps"].shape == (64,)
     dropped = (kwargs["condition"] == NULL_CONDITION_VALUE).all(-1).flatten()
@@ -115,6 +118,27 @@ def test_latent_scale_factor_is_inverse_latent_std():
     torch.manual_seed(0)
     std = autoencoder.encode_stage_2_inputs(batch).std()
     assert factor == pytest.approx(1 / float(std), rel=0.05)
+
+
+class _UnderConfidentAutoencoder(torch.nn.Module):
+    """Decodes the target's log-probabilities times 0.4: a softmax flatter than the target, as focal losses leave it."""
+
+    def reconstruct(self, x):
+        return 0.4 * torch.log(x.clamp_min(1e-6))
+
+
+def test_output_temperature_restores_calibrated_probabilities():
+    batches = [{"label": _label_batch(4, seed=seed)} for seed in range(3)]
+    temperature = fit_output_temperature(_UnderConfidentAutoencoder(), batches, "cpu", "label")
+    assert temperature == pytest.approx(0.4, rel=0.02)
+    target = batches[0]["label"]
+    logits = _UnderConfidentAutoencoder().reconstruct(target)
+    calibrated = apply_output_activation(logits, "softmax", temperature)
+    assert torch.allclose(calibrated, target, atol=0.01)
+    assert not torch.allclose(apply_output_activation(logits, "softmax"), target, atol=0.05)
+    assert torch.equal(calibrated.argmax(1), apply_output_activation(logits, "softmax").argmax(1))
+    with pytest.raises(ValueError, match="empty"):
+        fit_output_temperature(_UnderConfidentAutoencoder(), [], "cpu", "label")
 
 
 def test_random_feature_perceptual_loss_is_frozen_and_seeded():

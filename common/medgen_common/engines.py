@@ -20,6 +20,7 @@ from monai.engines import DiffusionPrepareBatch, Trainer
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.transforms import SpatialPad
+from monai.utils import convert_to_tensor
 from torch import nn
 
 from .losses import (
@@ -40,6 +41,7 @@ __all__ = [
     "ReconstructionInferer",
     "LatentDiffusionPrepareBatch",
     "compute_latent_scale_factor",
+    "fit_output_temperature",
     "SpadeGanTrainer",
     "NULL_CONDITION_VALUE",
 ]
@@ -48,12 +50,13 @@ __all__ = [
 NULL_CONDITION_VALUE = -1.0
 
 
-def apply_output_activation(output: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``"softmax"`` over channels (dim 1; probabilistic label maps), ``"sigmoid"``, or None (identity)."""
+def apply_output_activation(output: torch.Tensor, activation: str | None, temperature: float = 1.0) -> torch.Tensor:
+    """``"softmax"`` over channels (dim 1; probabilistic label maps) or ``"sigmoid"`` of the logits
+    ``output / temperature``, or None (identity)."""
     if activation == "softmax":
-        return torch.softmax(output, dim=1)
+        return torch.softmax(output / temperature, dim=1)
     if activation == "sigmoid":
-        return torch.sigmoid(output)
+        return torch.sigmoid(output / temperature)
     if activation is None:
         return output
     raise ValueError(f"output activation must be None, 'softmax' or 'sigmoid', got '{activation}'.")
@@ -275,6 +278,49 @@ def compute_latent_scale_factor(autoencoder: nn.Module, data_loader, device, ima
     return 1.0 / std
 
 
+@torch.no_grad()
+def fit_output_temperature(
+    autoencoder: nn.Module, data_loader, device, image_key: str = "image", max_batches: int = 8
+) -> float:
+    """Softmax temperature ``T`` of the autoencoder's decoded logits that minimises the cross-entropy against the
+    soft (partial-volume) training maps ``[B, C, *spatial]`` (temperature scaling, Guo et al. 2017).
+
+    A focal reconstruction loss is not a proper scoring rule: it leaves the softmax under-confident, which inflates
+    the soft volume of classes that sit at boundaries (CSF). Dividing the logits by ``T`` (< 1 sharpens) restores
+    calibrated probabilities without changing the argmax. The cross-entropy is convex in ``1 / T``; a golden-section
+    search over ``log T`` in [-3, 3] finds it. Uses the first ``max_batches`` batches, averaged over DDP ranks.
+    """
+    autoencoder.eval()
+    logits, targets = [], []
+    for index, batch in enumerate(data_loader):
+        if index >= max_batches:
+            break
+        target = batch[image_key].to(device).float()
+        logits.append(autoencoder.reconstruct(target).float())
+        targets.append(target)
+    if not logits:
+        raise ValueError("cannot fit an output temperature: the data loader is empty.")
+    logits, targets = torch.cat(logits), torch.cat(targets)
+
+    def cross_entropy(log_temperature: float) -> float:
+        log_probs = torch.log_softmax(logits / math.exp(log_temperature), dim=1)
+        return float(-(targets * log_probs).sum(1).mean())
+
+    low, high = -3.0, 3.0
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        if cross_entropy(a) < cross_entropy(b):
+            high = b
+        else:
+            low = a
+    temperature = torch.tensor(math.exp((low + high) / 2), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(temperature)
+        temperature = temperature / torch.distributed.get_world_size()
+    return float(temperature)
+
+
 class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     """Prepare a diffusion training batch in the latent space of a frozen autoencoder.
 
@@ -311,7 +357,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             latents = self.autoencoder.encode_stage_2_inputs(images) * self.scale_factor
         if self.pad is not None:
             latents = torch.stack([self.pad(latent) for latent in latents])
-        latents = torch.as_tensor(latents)
+        latents = convert_to_tensor(latents, track_meta=False)  # a MetaTensor would slow every network op
         noise = self.get_noise(latents)
         timesteps = self.get_timesteps(latents)
         infer_kwargs = {"noise": noise, "timesteps": timesteps}
@@ -445,7 +491,7 @@ class SpadeGanTrainer(Trainer):
             )
             consistency = zero
             if self.consistency_weight > 0:
-                augmented = torch.stack([torch.as_tensor(self.style_augmentation(style)) for style in styles])
+                augmented = torch.stack([convert_to_tensor(self.style_augmentation(style), track_meta=False) for style in styles])
                 encoder = getattr(self.generator, "module", self.generator)  # the network inside a DDP wrapper
                 consistency = style_consistency_loss(mu, encoder.encode(augmented.to(device))[0])
             contrast, dataset = self._classifier_losses(fake, batchdata, device)

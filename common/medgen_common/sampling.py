@@ -119,6 +119,8 @@ class LatentDiffusionSampler(Inferer):
         scale_factor: latent scale used in training.
         guidance_scale: classifier-free guidance weight; 1 is plain conditional sampling.
         output_activation: ``"softmax"`` over channels (probabilistic label maps), ``"sigmoid"`` or None.
+        output_temperature: the decoded logits are divided by it before the activation (see
+            :func:`medgen_common.engines.fit_output_temperature`).
         spacing: voxel size in mm written in the output affine.
         ldm_latent_shape, autoencoder_latent_shape: pad/crop between the autoencoder latent and the diffusion
             model's input, as in ``LatentDiffusionInferer``.
@@ -134,6 +136,7 @@ class LatentDiffusionSampler(Inferer):
         scale_factor: float = 1.0,
         guidance_scale: float = 1.0,
         output_activation: str | None = "softmax",
+        output_temperature: float = 1.0,
         spacing: Sequence[float] | None = None,
         ldm_latent_shape: Sequence[int] | None = None,
         autoencoder_latent_shape: Sequence[int] | None = None,
@@ -144,6 +147,7 @@ class LatentDiffusionSampler(Inferer):
         self.autoencoder, self.scheduler = autoencoder, scheduler
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.output_activation, self.spacing, self.amp, self.verbose = output_activation, spacing, amp, verbose
+        self.output_temperature = float(output_temperature)
         self.inferer = LatentDiffusionInferer(
             scheduler,
             scale_factor=float(scale_factor),
@@ -168,7 +172,9 @@ class LatentDiffusionSampler(Inferer):
                 cfg=self.guidance_scale if conditioning is not None and self.guidance_scale != 1.0 else None,
                 verbose=self.verbose,
             )
-        decoded = apply_output_activation(torch.as_tensor(decoded).float(), self.output_activation)
+        decoded = apply_output_activation(
+            torch.as_tensor(decoded).float(), self.output_activation, self.output_temperature
+        )
         spatial_dims = decoded.ndim - 2
         spacing = list(self.spacing) if self.spacing is not None else [1.0] * spatial_dims
         affine = torch.diag(torch.tensor([*spacing[:3], *([1.0] * (3 - len(spacing[:3]))), 1.0], dtype=torch.float64))
