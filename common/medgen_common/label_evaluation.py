@@ -18,20 +18,46 @@ from ignite.engine import Engine, Events
 from .handlers import values_of
 from .label_statistics import tissue_fractions
 from .metrics import mean_dice_by_class, nearest_neighbour_distances
+from .transforms import LesionSizeConditiond
 from .writers import write_json
 
-__all__ = ["make_evaluation_specs", "SampleCollector", "lesion_presence", "label_generator_report"]
+__all__ = [
+    "lesion_size_conditions",
+    "make_evaluation_specs",
+    "SampleCollector",
+    "lesion_presence",
+    "label_generator_report",
+]
+
+# the group whose conditions are drawn from the training maps: its tissue fractions are compared with training
+MATCHED_GROUP = "matched"
+
+
+def lesion_size_conditions(maps: Sequence[torch.Tensor], label_statistics: dict) -> list[np.ndarray]:
+    """The lesion-size condition ``[1, L]`` (chapter Eq. 1.3) of each ``[C, *spatial]`` map, with the training
+    statistics' channel indices and maxima."""
+    condition = LesionSizeConditiond("label", label_statistics["lesion_channel_indices"], label_statistics["lesion_volume_max"])
+    return [condition({"label": m})["lesion_size_condition"].numpy().astype(np.float32) for m in maps]
 
 # a lesion counts as present when at least this many voxels have it as their most probable class
 MIN_LESION_VOXELS = 3
 
 
 def make_evaluation_specs(
-    num_per_group: int, seed: int, lesion_names: Sequence[str], lesion_groups: Mapping[str, Sequence[str]]
+    num_per_group: int,
+    seed: int,
+    lesion_names: Sequence[str],
+    lesion_groups: Mapping[str, Sequence[str]],
+    training_conditions: Sequence[np.ndarray] | None = None,
 ) -> list[dict]:
-    """Sample specifications in groups: ``"no_lesion"`` (all dc 0) and, per lesion group (lesions that occur
-    together, e.g. ``{"tumour": ["tumour", "oedema", "enhancing"]}``), ``"<group>_large"`` with each of its lesions'
-    dc drawn from U(0.5, 1), the upper half of the normalised range, and every other lesion at 0.
+    """Sample specifications in groups:
+
+    - ``"matched"`` (only when ``training_conditions`` are given): conditions drawn with replacement from the
+      training maps' own conditions, so the samples should match the training set in bulk (tissue fractions);
+    - ``"no_lesion"``: all dc 0;
+    - per lesion group (lesions that occur together, e.g. ``{"tumour": ["tumour", "oedema", "enhancing"]}``),
+      ``"<group>_large"``: each of its lesions' dc drawn from U(0.5, 1), the upper half of the normalised range,
+      every other lesion at 0.
 
     Each spec is ``{"seed", "group", "lesion_size_condition": float32 [1, L]}``; seeds are distinct across groups.
     """
@@ -40,12 +66,20 @@ def make_evaluation_specs(
         raise ValueError(f"lesion groups name {unknown}, which are not among the lesions {list(lesion_names)}.")
     rng = np.random.default_rng(seed)
     groups = [("no_lesion", [])] + [(f"{group}_large", list(members)) for group, members in lesion_groups.items()]
+    if training_conditions is not None:
+        if len(training_conditions) == 0:
+            raise ValueError("training_conditions is empty: give the conditions of at least one training map.")
+        groups.insert(0, (MATCHED_GROUP, None))
     specs = []
     for group_index, (group, members) in enumerate(groups):
         for item in range(num_per_group):
-            condition = np.zeros((1, len(lesion_names)), dtype=np.float32)
-            for name in members:
-                condition[0, list(lesion_names).index(name)] = rng.uniform(0.5, 1.0)
+            if members is None:
+                drawn = training_conditions[int(rng.integers(len(training_conditions)))]
+                condition = np.asarray(drawn, dtype=np.float32).reshape(1, len(lesion_names))
+            else:
+                condition = np.zeros((1, len(lesion_names)), dtype=np.float32)
+                for name in members:
+                    condition[0, list(lesion_names).index(name)] = rng.uniform(0.5, 1.0)
             specs.append({"seed": seed + group_index * num_per_group + item, "group": group, "lesion_size_condition": condition})
     return specs
 
@@ -96,7 +130,8 @@ def label_generator_report(
         autoencoder: the trained ``AutoencoderKL``.
         report_path: where the JSON goes.
 
-    Report keys: ``tissue_fraction`` (sample vs training mean per channel and relative difference),
+    Report keys: ``tissue_fraction`` (sample vs training mean per channel and relative difference, over the
+    ``"matched"`` group when there is one, else over all samples; ``tissue_fraction_group`` says which),
     ``lesion_presence_rate`` per group and lesion, ``lesion_volume_vs_condition`` (Pearson r between requested dc
     and sampled soft volume / training max, per lesion, over all samples),
     ``autoencoder_dice`` per channel on held-out maps, ``memorisation`` (median nearest-neighbour distance of samples
@@ -108,7 +143,9 @@ def label_generator_report(
     groups = [str(g) for g in collector.batch_values["group"]]
     conditions = torch.stack([torch.as_tensor(c).reshape(-1) for c in collector.batch_values["lesion_size_condition"]])
 
-    sample_fractions = np.stack([tissue_fractions(s.numpy()) for s in samples]).mean(0)
+    fraction_group = MATCHED_GROUP if MATCHED_GROUP in groups else "all"
+    fraction_samples = [s for s, g in zip(samples, groups) if fraction_group in ("all", g)]
+    sample_fractions = np.stack([tissue_fractions(s.numpy()) for s in fraction_samples]).mean(0)
     tissue = {}
     for index, name in enumerate(channels[1:], start=1):
         reference = label_statistics["mean_tissue_fraction"][name]
@@ -150,6 +187,7 @@ def label_generator_report(
         "num_samples": len(samples),
         "groups": {group: groups.count(group) for group in sorted(set(groups))},
         "min_lesion_voxels": MIN_LESION_VOXELS,
+        "tissue_fraction_group": fraction_group,
         "tissue_fraction": tissue,
         "lesion_presence_rate": presence,
         "lesion_volume_vs_condition": correlation,
