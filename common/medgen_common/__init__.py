@@ -13,19 +13,23 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "context_selection",
     "datalist",
     "demo_data",
     "engines",
+    "guidance",
     "handlers",
     "label_evaluation",
     "label_statistics",
     "losses",
+    "mask_editing",
     "metrics",
     "networks",
     "runtime",
     "sampling",
     "segmentation_utility",
     "spade",
+    "stylegan",
     "transforms",
     "writers",
 )
