@@ -194,6 +194,26 @@ def test_schedulers_share_the_training_betas_and_do_not_clip(name):
 def test_unknown_scheduler_is_rejected():
     with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
         make_scheduler("euler")
+    with pytest.raises(ValueError, match="DDIM only"):
+        make_scheduler("pndm", eta=1.0)
+
+
+def test_ddim_eta_set_at_construction_makes_plain_step_calls_stochastic():
+    def last_step(scheduler, seed):
+        scheduler.set_timesteps(10)
+        scheduler.generator = torch.Generator().manual_seed(seed)
+        sample, model_output = torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 4, 4)
+        return scheduler.step(model_output, scheduler.timesteps[0], sample)[0]  # the inferers' call: no eta argument
+
+    deterministic = make_scheduler("ddim")
+    torch.testing.assert_close(last_step(deterministic, 0), last_step(deterministic, 1))
+    stochastic = make_scheduler("ddim", eta=1.0)
+    torch.testing.assert_close(last_step(stochastic, 0), last_step(stochastic, 0))
+    assert not torch.allclose(last_step(stochastic, 0), last_step(stochastic, 1))
+    spread = (last_step(stochastic, 0) - last_step(deterministic, 0)).std()
+    assert spread > 0.05  # the DDPM posterior noise of one strided step
+    with pytest.raises(ValueError, match="eta"):
+        make_scheduler("ddim", eta=1.5)
 
 
 def _tiny_conditioned_unet():
@@ -215,6 +235,11 @@ def test_sampler_pads_latents_crops_back_and_returns_probability_maps():
     assert output.shape == (2, 4, 20, 20)  # latent 12 cropped to 10, decoded to 20
     torch.testing.assert_close(output.sum(1), torch.ones(2, 20, 20))
     assert output.meta["filename_or_obj"] == ["sample_000000", "sample_000001"]
+    stochastic = LatentDiffusionSampler(
+        autoencoder, make_scheduler("ddim", eta=1.0), num_inference_steps=3, ldm_latent_shape=[12, 12],
+        autoencoder_latent_shape=[10, 10], verbose=False,
+    )  # fmt: skip
+    torch.testing.assert_close(stochastic(noise, unet, **kwargs), stochastic(noise, unet, **kwargs))  # seeded step noise
     assert float(output.meta["affine"][0, 0, 0]) == 2.0
 
 

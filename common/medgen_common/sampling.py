@@ -12,15 +12,44 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer, LatentDiffusionInferer
+from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from .engines import apply_output_activation
 from .runtime import autocast_dtype, autocast_enabled
 
-__all__ = ["make_scheduler", "make_sample_specs", "SeededNoisePrepareBatch", "LatentDiffusionSampler"]
+__all__ = [
+    "StochasticDDIMScheduler",
+    "make_scheduler",
+    "make_sample_specs",
+    "SeededNoisePrepareBatch",
+    "LatentDiffusionSampler",
+]
 
 
 SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
+
+
+class StochasticDDIMScheduler(DDIMScheduler):
+    """MONAI's ``DDIMScheduler`` with its ``eta`` fixed at construction, so loops that call
+    ``step(model_output, t, sample)`` (MONAI's inferers) sample with it: 0 is deterministic DDIM, 1 draws the DDPM
+    posterior variance on the strided schedule. Step noise comes from ``generator`` (set it per batch for
+    reproducible samples; None uses the global RNG).
+
+    A stochastic sampler forgives denoising errors that deterministic DDIM accumulates: on the demo label model,
+    DDIM(50, eta 0) samples had latents 40 % wider than the data's and CSF +60 %, eta 1 matched the data.
+    """
+
+    def __init__(self, eta: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}.")
+        self.eta = float(eta)
+        self.generator: torch.Generator | None = None
+
+    def step(self, model_output, timestep, sample, eta=None, generator=None):  # type: ignore[override]
+        eta = self.eta if eta is None else eta
+        return super().step(model_output, timestep, sample, eta, generator if generator is not None else self.generator)
 
 
 def make_scheduler(
@@ -31,10 +60,12 @@ def make_scheduler(
     beta_end: float = 0.0195,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
+    eta: float = 0.0,
 ):
     """Build a MONAI noise scheduler by name (``"ddpm"``, ``"ddim"``, ``"pndm"``) with one beta schedule, so a model
     trained with DDPM can be sampled with any of them. ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
-    latents are not bounded to [-1, 1], so it defaults to False."""
+    latents are not bounded to [-1, 1], so it defaults to False. ``eta`` is DDIM's noise level (see
+    :class:`StochasticDDIMScheduler`); other schedulers reject a non-zero one."""
     import monai.networks.schedulers as schedulers
 
     if name not in SCHEDULERS:
@@ -45,6 +76,10 @@ def make_scheduler(
         kwargs["clip_sample"] = clip_sample
     if name == "pndm":
         kwargs["skip_prk_steps"] = True
+    if name == "ddim":
+        return StochasticDDIMScheduler(eta=eta, **kwargs)
+    if eta != 0.0:
+        raise ValueError(f"eta applies to DDIM only, got eta={eta} for '{name}'.")
     return getattr(schedulers, SCHEDULERS[name])(**kwargs)
 
 
@@ -158,6 +193,9 @@ class LatentDiffusionSampler(Inferer):
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: nn.Module, conditioning=None, seeds=None):  # type: ignore[override]
         self.scheduler.set_timesteps(num_inference_steps=self.num_inference_steps)
+        if isinstance(self.scheduler, StochasticDDIMScheduler) and seeds is not None:
+            # step noise from the batch's seeds: a batch of the same samples reproduces exactly
+            self.scheduler.generator = torch.Generator(inputs.device).manual_seed(int(seeds[0]))
         self.autoencoder.eval()
         network.eval()
         device = inputs.device
