@@ -35,8 +35,8 @@ def test_evaluation_groups_request_co_occurring_lesions_in_the_upper_half():
 
 def test_matched_group_draws_conditions_of_training_maps():
     training_conditions = [np.array([[0.1, 0.0, 0.0, 0.0]], np.float32), np.array([[0.0, 0.6, 0.8, 0.2]], np.float32)]
-    specs = make_evaluation_specs(20, seed=1, lesion_names=LESIONS, lesion_groups=GROUPS, training_conditions=training_conditions)
-    assert [s["group"] for s in specs[:20]] == ["matched"] * 20 and len({s["seed"] for s in specs}) == 80
+    specs = make_evaluation_specs(5, seed=1, lesion_names=LESIONS, lesion_groups=GROUPS, training_conditions=training_conditions, num_matched=20)
+    assert [s["group"] for s in specs[:20]] == ["matched"] * 20 and len({s["seed"] for s in specs}) == 35
     drawn = {tuple(s["lesion_size_condition"].ravel().tolist()) for s in specs[:20]}
     assert drawn == {tuple(c.ravel().tolist()) for c in training_conditions}  # both drawn in 20 tries (p ~ 2e-6)
     with pytest.raises(ValueError, match="empty"):

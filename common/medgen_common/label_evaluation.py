@@ -49,11 +49,14 @@ def make_evaluation_specs(
     lesion_names: Sequence[str],
     lesion_groups: Mapping[str, Sequence[str]],
     training_conditions: Sequence[np.ndarray] | None = None,
+    num_matched: int | None = None,
 ) -> list[dict]:
     """Sample specifications in groups:
 
-    - ``"matched"`` (only when ``training_conditions`` are given): conditions drawn with replacement from the
-      training maps' own conditions, so the samples should match the training set in bulk (tissue fractions);
+    - ``"matched"`` (only when ``training_conditions`` are given; ``num_matched`` samples, default
+      ``num_per_group``): conditions drawn with replacement from the training maps' own conditions, so the samples
+      should match the training set in bulk (tissue fractions, which vary a lot between slice levels: use more
+      samples here);
     - ``"no_lesion"``: all dc 0;
     - per lesion group (lesions that occur together, e.g. ``{"tumour": ["tumour", "oedema", "enhancing"]}``),
       ``"<group>_large"``: each of its lesions' dc drawn from U(0.5, 1), the upper half of the normalised range,
@@ -72,7 +75,7 @@ def make_evaluation_specs(
         groups.insert(0, (MATCHED_GROUP, None))
     specs = []
     for group_index, (group, members) in enumerate(groups):
-        for item in range(num_per_group):
+        for item in range(num_per_group if members is not None or num_matched is None else num_matched):
             if members is None:
                 drawn = training_conditions[int(rng.integers(len(training_conditions)))]
                 condition = np.asarray(drawn, dtype=np.float32).reshape(1, len(lesion_names))
@@ -80,7 +83,7 @@ def make_evaluation_specs(
                 condition = np.zeros((1, len(lesion_names)), dtype=np.float32)
                 for name in members:
                     condition[0, list(lesion_names).index(name)] = rng.uniform(0.5, 1.0)
-            specs.append({"seed": seed + group_index * num_per_group + item, "group": group, "lesion_size_condition": condition})
+            specs.append({"seed": seed + len(specs), "group": group, "lesion_size_condition": condition})
     return specs
 
 
