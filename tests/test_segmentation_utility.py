@@ -20,6 +20,7 @@ from medgen_common.segmentation_utility import (
     items_for_contrast,
     load_slice,
     merge_label_channels,
+    normalise_image,
     predict_subject,
     train_segmenter,
 )
@@ -135,6 +136,86 @@ def test_files_and_arrays_load_alike_with_the_image_z_scored_inside_the_brain(tm
     brain = torch.from_numpy(item["image"][:, :, 0] != 0)
     assert torch.all(image[0][~brain] == 0)
     assert abs(float(image[0][brain].mean())) < 1e-5 and abs(float(image[0][brain].std(correction=0)) - 1) < 1e-4
+
+
+# --- class-index labels and images that are not skull-stripped (ultrasound) -----------------------------------------
+
+
+def _index_label() -> np.ndarray:
+    """An 8 x 8 uint8 class-index map holding the values 0 to 4 (the ultrasound demo data's label layout)."""
+    return (np.arange(64).reshape(8, 8) % 5).astype(np.uint8)
+
+
+def test_index_labels_map_kept_values_to_their_class_position_like_the_equivalent_soft_label(tmp_path):
+    index_label = _index_label()
+    image = np.full((8, 8), 0.5, dtype=np.float32)
+    soft = np.eye(5, dtype=np.float32)[index_label]  # the one-hot soft label of the same map, X x Y x 5
+    for class_channels, merge_into in (([0, 1, 2, 3], 3), ([0, 2, 1, 3], {4: 2})):
+        index_item = {"image": image, "label": index_label}
+        _, from_index = load_slice(index_item, class_channels, merge_into, label_format="index")
+        _, from_soft = load_slice({"image": image, "label": soft}, class_channels, merge_into)
+        assert torch.equal(from_index, from_soft)
+    _, reordered = load_slice({"image": image, "label": index_label}, [0, 2, 1, 3], {4: 2}, label_format="index")
+    positions = {0: 0, 1: 2, 2: 1, 3: 3, 4: 1}  # value 4 is merged into channel 2, the second class
+    assert torch.equal(reordered[0], torch.from_numpy(np.vectorize(positions.get)(index_label)))
+
+    stored = {
+        "image": str(save_nifti(image, tmp_path / "image.nii.gz", channel_first=False)),
+        "label": str(save_nifti(index_label, tmp_path / "label.nii.gz", channel_first=False)),  # X x Y x 1 uint8
+    }
+    _, from_file = load_slice(stored, [0, 1, 2, 3, 4], 0, label_format="index")
+    assert from_file.dtype == torch.int64 and torch.equal(from_file[0], torch.from_numpy(index_label).long())
+
+
+def test_index_labels_must_hold_non_negative_integers_with_a_rule_for_every_dropped_value():
+    image = np.ones((8, 8), dtype=np.float32)
+    with pytest.raises(ValueError, match="non-negative integer class indices, found the value 0.5"):
+        load_slice({"image": image, "label": _index_label() / 2.0}, [0, 1, 2, 3, 4], 0, label_format="index")
+    with pytest.raises(ValueError, match="found the value -1"):
+        load_slice({"image": image, "label": -np.ones((8, 8))}, [0, 1], 0, label_format="index")
+    with pytest.raises(ValueError, match="no kept channel for label value 4"):
+        load_slice({"image": image, "label": _index_label()}, [0, 1, 2], {3: 0}, label_format="index")
+    with pytest.raises(ValueError, match=r"a class-index map\? pass label_format='index'"):
+        load_slice({"image": image, "label": _index_label()[:, :, None]}, [0, 1, 2, 3, 4], 0)
+    with pytest.raises(ValueError, match=r"label_format must be one of \['soft', 'index'\]"):
+        load_slice({"image": image, "label": _index_label()}, [0, 1], 0, label_format="indices")
+
+
+def test_images_can_be_z_scored_over_the_whole_image_or_kept_as_they_are():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 1.0, size=(8, 8)).astype(np.float32)
+    image[:2] = 0.0  # dark rows (e.g. an acoustic shadow) are tissue, not outside the body
+    item = {"image": image, "label": _index_label()}
+    whole, _ = load_slice(item, [0, 1, 2, 3, 4], 0, label_format="index", normalisation="zscore")
+    assert abs(float(whole.mean())) < 1e-5 and abs(float(whole.std(correction=0)) - 1) < 1e-4
+    assert torch.all(whole[0, :2] < 0)  # the dark rows are below the mean, not pinned to 0
+    unchanged, _ = load_slice(item, [0, 1, 2, 3, 4], 0, label_format="index", normalisation="none")
+    assert torch.equal(unchanged[0], torch.from_numpy(image))
+    inside, _ = load_slice(item, [0, 1, 2, 3, 4], 0, label_format="index")  # the default: z-scored inside non-zero
+    assert torch.all(inside[0, :2] == 0)
+    with pytest.raises(ValueError, match=r"normalisation must be one of \['zscore_nonzero', 'zscore', 'none'\]"):
+        normalise_image(image, "minmax")
+
+
+def _band_item(rng: np.random.Generator, subject: str, slice_index: int) -> dict:
+    """16 x 16 ultrasound-like slice, nothing zero: a bright band (class 1) over a dark band (class 2) at a random
+    depth in a mid-grey background (class 0); index label X x Y x 1."""
+    top = int(rng.integers(2, 8))
+    label = np.zeros((16, 16), dtype=np.uint8)
+    label[top : top + 3], label[top + 3 : top + 7] = 1, 2
+    image = np.array([0.45, 0.9, 0.1])[label] + rng.normal(scale=0.05, size=label.shape)
+    image = image.astype(np.float32)
+    return {"image": image, "label": label[:, :, None], "subject": subject, "slice_index": slice_index}
+
+
+def test_a_segmenter_learns_index_labelled_images_that_are_not_skull_stripped():
+    rng = np.random.default_rng(0)
+    training = [_band_item(rng, "train", index) for index in range(32)]
+    test = [_band_item(rng, f"test-{index // 2}", index % 2) for index in range(4)]
+    formats = {"label_format": "index", "normalisation": "zscore"}
+    network = train_segmenter(training, [0, 1, 2], 0, steps=60, batch_size=8, lr=1e-2, channels=(4, 8), **formats)
+    scores = evaluate_segmenter(network, test, [0, 1, 2], 0, class_names=["background", "bright", "dark"], **formats)
+    assert scores["mean"]["bright"] > 0.95 and scores["mean"]["dark"] > 0.95, scores["mean"]  # 2 steps: about 0.8
 
 
 # --- 3D reassembly ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "context_selection",
     "csg",
+    "csg_evaluation",
     "datalist",
     "demo_data",
     "engines",

@@ -11,13 +11,23 @@ Items are MONAI-style dicts ``{"image": path_or_array, "label": path_or_array, "
 ("subject" and "slice_index" are needed for evaluation only). Arrays hold what the files hold:
 
 - image: one 2D slice, ``X x Y`` or ``X x Y x 1`` (NIfTI slices of the demo data are ``X x Y x 1``);
-- label: a probabilistic (soft) map with channels last, ``X x Y x C`` or ``X x Y x 1 x C``.
+- label, ``label_format="soft"`` (the default): a probabilistic (soft) map with channels last, ``X x Y x C`` or
+  ``X x Y x 1 x C``;
+- label, ``label_format="index"``: an integer class-index map, ``X x Y`` or ``X x Y x 1`` (the ultrasound demo
+  data's uint8 masks). The format is named, never guessed: an ``X x Y x 1`` soft map of one channel and an index map
+  of a slice are the same array shape.
 
 Segmentation targets are class indices: the soft label is reduced to the channels in ``class_channels`` (the first
 is the background, left out of the scores unless asked for), the probability of every other channel is added to a
-kept channel named by ``merge_into``, and the argmax is taken. Brain lesions have no tissue class of their own in
-the chapter's tissue segmentation, and where they go changes the scores (WMH into white matter, a tumour into
-"other"), so the caller must choose; there is no default. Images are z-scored inside their non-zero (brain) region.
+kept channel named by ``merge_into``, and the argmax is taken; an index label is mapped the same way (a kept value
+becomes its position in ``class_channels``, any other value the position of its ``merge_into`` channel). Brain
+lesions have no tissue class of their own in the chapter's tissue segmentation, and where they go changes the
+scores (WMH into white matter, a tumour into "other"), so the caller must choose; there is no default.
+
+Images are normalised by ``normalisation``: ``"zscore_nonzero"`` (the default) z-scores inside the non-zero
+(skull-stripped brain) region and leaves the outside at 0; ``"zscore"`` z-scores over the whole image (images that
+are not skull-stripped, e.g. ultrasound); ``"none"`` passes intensities as they are (images already in a fixed
+range such as [0, 1]).
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ __all__ = [
     "items_for_contrast",
     "group_by_subject",
     "merge_label_channels",
+    "normalise_image",
     "load_slice",
     "train_segmenter",
     "predict_subject",
@@ -55,6 +66,8 @@ __all__ = [
 ]
 
 MergeRule = int | Mapping[int, int]
+LABEL_FORMATS = ("soft", "index")
+NORMALISATIONS = ("zscore_nonzero", "zscore", "none")
 
 
 class SliceSegmenter(torch.nn.Module):
@@ -64,7 +77,8 @@ class SliceSegmenter(torch.nn.Module):
     first level, nothing runs at the input resolution and one-voxel-thin structures (a grey-matter ribbon, a small
     lesion) are blurred away, so the first stride here is 1. The input is zero-padded at the high end of each axis
     to a multiple of the downsampling factor and the output cropped back, so the demo slices (56 x 72) and odd
-    sizes both work; zero is the value outside the brain after z-scoring with ``nonzero=True``.
+    sizes both work; zero is the value outside the brain after z-scoring with ``nonzero=True`` (and the mean after
+    z-scoring the whole image).
 
     Args:
         num_classes: output channels (classes, background included).
@@ -222,26 +236,78 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def normalise_image(image: np.ndarray, normalisation: str = "zscore_nonzero") -> torch.Tensor:
+    """A 2D image ``X x Y`` as a normalised ``[1, X, Y]`` float32 tensor (MONAI's ``NormalizeIntensity``).
+
+    ``normalisation``: ``"zscore_nonzero"`` over the non-zero voxels (the outside stays 0), ``"zscore"`` over every
+    voxel, ``"none"`` unchanged.
+    """
+    _check_choice("normalisation", normalisation, NORMALISATIONS)
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32)[None].copy())
+    if normalisation != "none":
+        tensor = NormalizeIntensity(nonzero=normalisation == "zscore_nonzero")(tensor)
+    return convert_to_tensor(tensor, dtype=torch.float32, track_meta=False)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def _index_target(label: np.ndarray, class_channels: Sequence[int], merge_into: MergeRule, name: str) -> torch.Tensor:
+    """Class positions ``[1, X, Y]`` (int64) of an index map ``X x Y``: kept values map to their position in
+    ``class_channels``, other values to the position of their ``merge_into`` channel."""
+    class_channels, merge_into = _check_class_channels(class_channels, merge_into)
+    if (label < 0).any() or (label != np.round(label)).any():
+        odd = label[(label < 0) | (label != np.round(label))][0]
+        raise ValueError(
+            f"{name}: label_format='index' needs non-negative integer class indices, found the value {odd:g}."
+        )
+    values = np.unique(label).astype(np.int64)
+    lookup = np.zeros(int(values.max()) + 1, dtype=np.int64)
+    for value in values.tolist():
+        if value in class_channels:
+            kept = value
+        else:
+            kept = merge_into if isinstance(merge_into, int) else merge_into.get(value)
+        if kept is None:
+            raise ValueError(
+                f"{name}: merge_into gives no kept channel for label value {value}; map every dropped value."
+            )
+        lookup[value] = class_channels.index(kept)
+    return torch.from_numpy(lookup[label.astype(np.int64)][None])
+
+
 def load_slice(
-    item: Mapping, class_channels: Sequence[int], merge_into: MergeRule, where: str = "item"
+    item: Mapping,
+    class_channels: Sequence[int],
+    merge_into: MergeRule,
+    where: str = "item",
+    label_format: str = "soft",
+    normalisation: str = "zscore_nonzero",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one item as a segmentation sample: the z-scored image and the class index of each voxel.
+    """Read one item as a segmentation sample: the normalised image and the class index of each voxel.
 
     Args:
         item: ``{"image": ..., "label": ...}``, see the module docstring for the layouts.
-        class_channels: label channels kept as classes, see :func:`merge_label_channels`.
-        merge_into: where the other channels go, see :func:`merge_label_channels`.
+        class_channels: label channels (soft) or values (index) kept as classes, see :func:`merge_label_channels`.
+        merge_into: where the other channels or values go, see :func:`merge_label_channels`.
         where: how error messages name the item, e.g. ``"training set 'synthetic' item 3"``.
+        label_format: ``"soft"`` (channels-last probabilities) or ``"index"`` (integer class-index map).
+        normalisation: ``"zscore_nonzero"``, ``"zscore"`` or ``"none"``, see :func:`normalise_image`.
 
     Returns:
-        ``(image [1, X, Y] float32, target [1, X, Y] int64)``; the image z-scored over its non-zero voxels
-        (MONAI's ``NormalizeIntensity(nonzero=True)``), the target the argmax of the merged label.
+        ``(image [1, X, Y] float32, target [1, X, Y] int64)``; the image normalised (default: z-scored over its
+        non-zero voxels, MONAI's ``NormalizeIntensity(nonzero=True)``), the target the class position per voxel
+        (the argmax of the merged soft label).
 
     Raises:
-        ValueError: a key is missing, a layout or shape is wrong, the label has too few channels, or an array holds
-            NaN or Inf; the message names the item.
+        ValueError: a key is missing, a layout or shape is wrong, the label has too few channels, an index label
+            holds a negative or fractional value, or an array holds NaN or Inf; the message names the item.
     """
     _check_class_channels(class_channels, merge_into)
+    _check_choice("label_format", label_format, LABEL_FORMATS)
+    _check_choice("normalisation", normalisation, NORMALISATIONS)
     if not isinstance(item, Mapping):
         raise ValueError(f"{where} must be a dict with 'image' and 'label', got {type(item).__name__}.")
     name = _describe(item, where)
@@ -253,39 +319,49 @@ def load_slice(
         image = image[:, :, 0]
     if image.ndim != 2:
         raise ValueError(f"{name}: the image must be one 2D slice, X x Y or X x Y x 1, got shape {image.shape}.")
-    if label.ndim == 4 and label.shape[2] == 1:
-        label = label[:, :, 0]
-    if label.ndim != 3:
-        raise ValueError(
-            f"{name}: the label must be a 2D soft map with channels last, X x Y x C or X x Y x 1 x C, got shape "
-            f"{label.shape}."
-        )
+    if label_format == "index":
+        if label.ndim == 3 and label.shape[2] == 1:
+            label = label[:, :, 0]
+        if label.ndim != 2:
+            raise ValueError(f"{name}: an index label must be X x Y or X x Y x 1, got shape {label.shape}.")
+    else:
+        if label.ndim == 4 and label.shape[2] == 1:
+            label = label[:, :, 0]
+        if label.ndim != 3:
+            raise ValueError(
+                f"{name}: the label must be a 2D soft map with channels last, X x Y x C or X x Y x 1 x C, got shape "
+                f"{label.shape}."
+            )
     if label.shape[:2] != image.shape:
         raise ValueError(f"{name}: label shape {label.shape} does not match image shape {image.shape}.")
     for key, array in (("image", image), ("label", label)):
         if not np.isfinite(array).all():
             source = f" '{os.fspath(item[key])}'" if isinstance(item[key], (str, os.PathLike)) else ""
             raise ValueError(f"{name}: the {key}{source} contains NaN or Inf values.")
-    if label.shape[2] <= max(int(c) for c in class_channels):
-        raise ValueError(
-            f"{name}: the label has {label.shape[2]} channels (last axis of shape {label.shape}), fewer than "
-            f"class_channels {list(class_channels)} needs."
-        )
-    merged = merge_label_channels(torch.from_numpy(np.moveaxis(label, -1, 0).copy()), class_channels, merge_into)
-    target = merged.argmax(dim=0, keepdim=True)
-    image = NormalizeIntensity(nonzero=True)(torch.from_numpy(image[None].copy()))
-    return convert_to_tensor(image, dtype=torch.float32, track_meta=False), target
+    if label_format == "index":
+        target = _index_target(label, class_channels, merge_into, name)
+    else:
+        if label.shape[2] <= max(int(c) for c in class_channels):
+            hint = " (a class-index map? pass label_format='index')" if label.shape[2] == 1 else ""
+            raise ValueError(
+                f"{name}: the label has {label.shape[2]} channels (last axis of shape {label.shape}), fewer than "
+                f"class_channels {list(class_channels)} needs{hint}."
+            )
+        merged = merge_label_channels(torch.from_numpy(np.moveaxis(label, -1, 0).copy()), class_channels, merge_into)
+        target = merged.argmax(dim=0, keepdim=True)
+    return normalise_image(image, normalisation), target
 
 
 def _load_training_set(
-    items: Sequence[Mapping], class_channels: Sequence[int], merge_into: MergeRule, where: str
+    items: Sequence[Mapping], class_channels: Sequence[int], merge_into: MergeRule, where: str, formats: Mapping
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All items of a training set as ``(images [N, 1, X, Y], targets [N, 1, X, Y])``; one shape for all."""
+    """All items of a training set as ``(images [N, 1, X, Y], targets [N, 1, X, Y])``; one shape for all.
+    ``formats``: ``label_format`` and ``normalisation`` of :func:`load_slice`."""
     if len(items) == 0:
         raise ValueError(f"{where} is empty: a segmenter needs at least one training item.")
     images, targets = [], []
     for index, item in enumerate(items):
-        image, target = load_slice(item, class_channels, merge_into, where=f"{where} item {index}")
+        image, target = load_slice(item, class_channels, merge_into, where=f"{where} item {index}", **formats)
         if images and image.shape != images[0].shape:
             raise ValueError(
                 f"{_describe(item, f'{where} item {index}')} has shape {tuple(image.shape[1:])}, but item 0 has "
@@ -297,7 +373,10 @@ def _load_training_set(
 
 
 def _load_volumes(
-    volumes: Mapping[str, Sequence[Mapping]] | Sequence[Mapping], class_channels: Sequence[int], merge_into: MergeRule
+    volumes: Mapping[str, Sequence[Mapping]] | Sequence[Mapping],
+    class_channels: Sequence[int],
+    merge_into: MergeRule,
+    formats: Mapping,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each subject's slices, ordered by ``"slice_index"``, as ``(images [Z, 1, X, Y], targets [X, Y, Z])``."""
     subjects = volumes if isinstance(volumes, Mapping) else group_by_subject(volumes)
@@ -321,7 +400,10 @@ def _load_volumes(
             items = [items[i] for i in np.argsort(indices, kind="stable")]
         # items that carry their subject name it themselves (see _describe)
         slices = [
-            load_slice(item, class_channels, merge_into, where="test item" if "subject" in item else f"'{subject}' item")
+            load_slice(
+                item, class_channels, merge_into,
+                where="test item" if "subject" in item else f"'{subject}' item", **formats,
+            )  # fmt: skip
             for item in items
         ]
         shapes = {tuple(image.shape) for image, _ in slices}
@@ -395,6 +477,8 @@ def train_segmenter(
     channels: Sequence[int] = (8, 16, 32, 64),
     network: torch.nn.Module | None = None,
     progress: bool = False,
+    label_format: str = "soft",
+    normalisation: str = "zscore_nonzero",
 ) -> torch.nn.Module:
     """Train a 2D segmenter on ``items`` with Dice + cross-entropy (MONAI ``DiceCELoss``) and Adam.
 
@@ -415,6 +499,7 @@ def train_segmenter(
         network: a network to train instead, mapping ``[B, 1, X, Y]`` to logits ``[B, len(class_channels), X, Y]``;
             its initial weights are the caller's.
         progress: show a progress bar with the loss.
+        label_format, normalisation: how labels are stored and images normalised, see :func:`load_slice`.
 
     Returns:
         The trained network, in eval mode, on ``device``.
@@ -422,7 +507,8 @@ def train_segmenter(
     Raises:
         ValueError: ``items`` is empty, or an item is invalid (see :func:`load_slice`).
     """
-    images, targets = _load_training_set(items, class_channels, merge_into, where="training set")
+    formats = {"label_format": label_format, "normalisation": normalisation}
+    images, targets = _load_training_set(items, class_channels, merge_into, "training set", formats)
     return _train(
         images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, network, progress,
         description="segmenter",
@@ -454,6 +540,8 @@ def predict_subject(
     class_channels: Sequence[int],
     merge_into: MergeRule,
     batch_size: int = 64,
+    label_format: str = "soft",
+    normalisation: str = "zscore_nonzero",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predict every slice of one subject and stack predictions and targets into volumes.
 
@@ -462,13 +550,15 @@ def predict_subject(
         items: the subject's slices, in any order; each needs ``"slice_index"`` when there are several.
         class_channels, merge_into: the classes, see :func:`merge_label_channels`.
         batch_size: slices per forward pass.
+        label_format, normalisation: see :func:`load_slice`.
 
     Returns:
         ``(prediction, target)``, class indices ``[X, Y, Z]`` (int64), slices along the last axis in increasing
         ``slice_index``.
     """
     subject = str(items[0].get("subject", "subject")) if len(items) else "subject"
-    ((images, targets),) = _load_volumes({subject: list(items)}, class_channels, merge_into).values()
+    formats = {"label_format": label_format, "normalisation": normalisation}
+    ((images, targets),) = _load_volumes({subject: list(items)}, class_channels, merge_into, formats).values()
     return _predict(network, images, batch_size), targets
 
 
@@ -520,6 +610,8 @@ def evaluate_segmenter(
     class_names: Sequence[str] | None = None,
     include_background: bool = False,
     batch_size: int = 64,
+    label_format: str = "soft",
+    normalisation: str = "zscore_nonzero",
 ) -> dict[str, dict]:
     """Dice per class and subject in 3D: each subject's slices are predicted and stacked by ``"slice_index"``.
 
@@ -530,13 +622,15 @@ def evaluate_segmenter(
         class_names: a name per class, e.g. ``["background", "csf", "gm", "wm"]``; default ``class_0``, ...
         include_background: also score the first class.
         batch_size: slices per forward pass.
+        label_format, normalisation: see :func:`load_slice`.
 
     Returns:
         ``{"per_subject": {subject: {class name: Dice}}, "mean": {class name: mean Dice over subjects}}``. A class
         absent from both a subject's prediction and target is NaN for that subject and left out of the mean.
     """
     names = _class_names(class_channels, class_names)
-    loaded = _load_volumes(volumes, class_channels, merge_into)
+    formats = {"label_format": label_format, "normalisation": normalisation}
+    loaded = _load_volumes(volumes, class_channels, merge_into, formats)
     return _evaluate_loaded(network, loaded, names, include_background, batch_size)
 
 
@@ -559,6 +653,8 @@ def compare_training_sets(
     channels: Sequence[int] = (8, 16, 32, 64),
     include_background: bool = False,
     progress: bool = False,
+    label_format: str = "soft",
+    normalisation: str = "zscore_nonzero",
 ) -> dict[str, Any]:
     """Train one segmenter per training set, with the same seed and steps, and score each on the same test subjects.
 
@@ -573,6 +669,7 @@ def compare_training_sets(
         steps, batch_size, lr, seed, device, channels: training settings, see :func:`train_segmenter`.
         include_background: also score the first class.
         progress: show a progress bar per training set.
+        label_format, normalisation: see :func:`load_slice`; the same for training and test items.
 
     Returns:
         ``{"reference": name, "mean_dice": {set: {class: Dice}}, "ratio_to_reference": {set: {class: Dice / the
@@ -587,11 +684,12 @@ def compare_training_sets(
     if reference not in train_sets:
         raise ValueError(f"reference training set '{reference}' is not among the training sets {list(train_sets)}.")
     names = _class_names(class_channels, class_names)
+    formats = {"label_format": label_format, "normalisation": normalisation}
     loaded_sets = {
-        name: _load_training_set(items, class_channels, merge_into, where=f"training set '{name}'")
+        name: _load_training_set(items, class_channels, merge_into, f"training set '{name}'", formats)
         for name, items in train_sets.items()
     }
-    volumes = _load_volumes(test_items, class_channels, merge_into)
+    volumes = _load_volumes(test_items, class_channels, merge_into, formats)
     mean_dice, per_subject = {}, {}
     for name, (images, targets) in loaded_sets.items():
         network = _train(
