@@ -20,7 +20,13 @@ from medgen_common.engines import (
     fit_output_temperature,
 )
 from medgen_common.losses import RandomFeaturePerceptualLoss, kl_divergence, load_perceptual_loss
-from medgen_common.sampling import LatentDiffusionSampler, SeededNoisePrepareBatch, make_sample_specs, make_scheduler
+from medgen_common.sampling import (
+    LatentDiffusionSampler,
+    SeededNoisePrepareBatch,
+    make_sample_specs,
+    make_scheduler,
+    step_noise_seed,
+)
 from medgen_common.transforms import normalise_probabilities
 
 
@@ -196,6 +202,15 @@ def test_unknown_scheduler_is_rejected():
         make_scheduler("euler")
     with pytest.raises(ValueError, match="DDIM only"):
         make_scheduler("pndm", eta=1.0)
+
+
+def test_step_noise_never_replays_a_samples_initial_noise():
+    seeds = [0, 1, 2, 3]
+    step_seed = step_noise_seed(seeds)
+    assert step_seed not in seeds and step_seed == step_noise_seed(seeds) and step_seed != step_noise_seed([0, 1, 2, 4])
+    initial = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(seeds[0]))
+    first_step = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(step_seed))[0]
+    assert not torch.allclose(initial, first_step)
 
 
 def test_ddim_eta_set_at_construction_makes_plain_step_calls_stochastic():
