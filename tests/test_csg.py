@@ -7,7 +7,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from medgen_common.csg import CsgPrepareBatch, CsgSampler, semantic_condition
+from medgen_common.csg import CsgPrepareBatch, CsgSampler, cross_device_pairs, semantic_condition
 from medgen_common.sampling import make_scheduler
 
 CLASSES, LATENT = 3, 2
@@ -79,3 +79,18 @@ def test_sampler_is_seeded_counts_steps_and_follows_its_conditions():
     assert torch.equal(images, again)
     other_context = sampler(batch["label"], network, context=batch["context"].flip(-1), seeds=[0, 1])
     assert not torch.allclose(images, other_context)
+
+
+def test_cross_device_pairs_take_contexts_from_other_devices_else_other_subjects():
+    entries = [{"image": f"i{k}", "label": f"l{k}", "device": k % 3, "subject": k // 2} for k in range(12)]
+    pairs = cross_device_pairs(entries, seed=0)
+    assert [p["image"] for p in pairs] == [e["image"] for e in entries]
+    assert all(p["context_device"] != p["device"] for p in pairs)
+    assert all(int(p["context"][1:]) % 3 == p["context_device"] for p in pairs)
+    assert pairs == cross_device_pairs(entries, seed=0)
+    one_device = cross_device_pairs([{**e, "device": 0} for e in entries], seed=0)
+    assert all(p["context_subject"] != p["subject"] for p in one_device)
+    bare = cross_device_pairs([{"image": "a"}, {"image": "b"}])
+    assert [p["context"] for p in bare] == ["b", "a"]
+    with pytest.raises(ValueError, match="two entries"):
+        cross_device_pairs([{"image": "a", "device": 0}])
