@@ -271,6 +271,7 @@ def test_csg_report_runs_the_protocol_end_to_end_on_a_tiny_model(tmp_path):
     report = csg_report(
         autoencoder, network, make_scheduler("ddim"), 1.0, test, training, tmp_path / "evaluation",
         num_inference_steps=2, segmenter_steps=3, segmenter_batch_size=4, segmenter_channels=(4, 8), num_synthetic=5,
+        sample_batch_size=3,  # several sampler batches, concatenated
         progress=False,
     )  # fmt: skip
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import LoadImage
-from monai.utils import optional_import
+from monai.utils import convert_to_tensor, optional_import
 from PIL import Image
 from scipy import stats
 from torch import nn
@@ -536,7 +536,7 @@ def _sample(
         stop = start + batch_size
         label = torch.nn.functional.one_hot(masks[start:stop], num_classes).permute(0, 3, 1, 2).float()
         images = sampler(label.to(device), network, context=contexts[start:stop].to(device), seeds=seeds[start:stop])
-        samples.append(images.cpu())
+        samples.append(convert_to_tensor(images, track_meta=False).cpu())  # the sampler returns MetaTensors
     return torch.cat(samples)
 
 
