@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.engines import DiffusionPrepareBatch
-from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 from torch import nn
 
 from .guidance import double_guidance, drop_conditions, guided_sample
 from .runtime import autocast_dtype, autocast_enabled
+from .sampling import named_batch
 
 __all__ = [
     "semantic_condition",
@@ -235,10 +235,4 @@ class CsgSampler(Inferer):
             images = self.autoencoder.decode_stage_2_outputs(samples.latents / self.scale_factor)
         self.last_nfe = samples.nfe
         images = convert_to_tensor(images, track_meta=False).float().clamp(0.0, 1.0)
-        spacing = [float(v) for v in (self.spacing or (1.0, 1.0))][:2]
-        affine = torch.diag(torch.tensor([*spacing, 1.0, 1.0], dtype=torch.float64))
-        output = MetaTensor(images, affine=affine)
-        output.is_batch = True
-        output.meta["affine"] = affine.unsqueeze(0).repeat(len(images), 1, 1)
-        output.meta["filename_or_obj"] = [f"csg_{seed:06d}" for seed in seeds]
-        return output
+        return named_batch(images, [f"csg_{seed:06d}" for seed in seeds], self.spacing)

@@ -20,6 +20,7 @@ from .runtime import autocast_dtype, autocast_enabled
 
 __all__ = [
     "StochasticDDIMScheduler",
+    "named_batch",
     "step_noise_seed",
     "make_scheduler",
     "make_sample_specs",
@@ -51,6 +52,18 @@ class StochasticDDIMScheduler(DDIMScheduler):
     def step(self, model_output, timestep, sample, eta=None, generator=None):  # type: ignore[override]
         eta = self.eta if eta is None else eta
         return super().step(model_output, timestep, sample, eta, generator if generator is not None else self.generator)
+
+
+def named_batch(images: torch.Tensor, names: Sequence[str], spacing: Sequence[float] | None = None) -> MetaTensor:
+    """Samples ``[B, C, *spatial]`` as a batched ``MetaTensor`` that ``SaveImaged`` writes as ``<name>_<postfix>``,
+    with a diagonal affine of ``spacing`` (mm; default 1)."""
+    spacing = [float(v) for v in (spacing if spacing is not None else [1.0] * (images.ndim - 2))][:3]
+    affine = torch.diag(torch.tensor([*spacing, *([1.0] * (3 - len(spacing))), 1.0], dtype=torch.float64))
+    output = MetaTensor(images, affine=affine)
+    output.is_batch = True
+    output.meta["affine"] = affine.unsqueeze(0).repeat(len(images), 1, 1)
+    output.meta["filename_or_obj"] = list(names)
+    return output
 
 
 def step_noise_seed(seeds: Sequence[int]) -> int:
@@ -220,12 +233,5 @@ class LatentDiffusionSampler(Inferer):
         decoded = apply_output_activation(
             torch.as_tensor(decoded).float(), self.output_activation, self.output_temperature
         )
-        spatial_dims = decoded.ndim - 2
-        spacing = list(self.spacing) if self.spacing is not None else [1.0] * spatial_dims
-        affine = torch.diag(torch.tensor([*spacing[:3], *([1.0] * (3 - len(spacing[:3]))), 1.0], dtype=torch.float64))
         names = [f"sample_{s:06d}" for s in seeds] if seeds is not None else [f"sample_{i:06d}" for i in range(len(decoded))]
-        output = MetaTensor(decoded, affine=affine)
-        output.is_batch = True
-        output.meta["affine"] = affine.unsqueeze(0).repeat(len(decoded), 1, 1)
-        output.meta["filename_or_obj"] = names
-        return output
+        return named_batch(decoded, names, self.spacing)
