@@ -5,6 +5,8 @@
   gated by an :class:`AdversarialReferee`.
 - :class:`SpadeGanTrainer`: one step of a SPADE VAE-GAN image generator with every brainSPADE image-generator loss,
   then one multi-scale discriminator step.
+- :class:`BiDiscriminatorPix2PixTrainer`: the V-EUS image-to-image GAN step: a global and a lesion-box
+  conditional PatchGAN, then the generator with a colour-rebalanced L1 loss.
 - :class:`LatentDiffusionPrepareBatch`: turns a batch of images into (noisy-latent target, kwargs) for MONAI's
   ``SupervisedTrainer`` + ``DiffusionInferer``, encoding with a frozen autoencoder and dropping conditions at
   random for classifier-free guidance.
@@ -23,6 +25,7 @@ from monai.transforms import SpatialPad
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from .elastography import ColourPrior, crop_boxes, lesion_boxes
 from .losses import (
     feature_matching_loss,
     hinge_discriminator_loss,
@@ -37,12 +40,14 @@ from .transforms import probabilities_to_one_hot
 __all__ = [
     "apply_output_activation",
     "AdversarialReferee",
+    "GanTrainerBase",
     "AutoencoderGanTrainer",
     "ReconstructionInferer",
     "LatentDiffusionPrepareBatch",
     "compute_latent_scale_factor",
     "fit_output_temperature",
     "SpadeGanTrainer",
+    "BiDiscriminatorPix2PixTrainer",
     "NULL_CONDITION_VALUE",
 ]
 
@@ -107,7 +112,65 @@ class AdversarialReferee:
         return self.history[-1]
 
 
-class AutoencoderGanTrainer(Trainer):
+class GanTrainerBase(Trainer):
+    """What every adversarial trainer here shares: MONAI's ``Trainer`` (no decollation) with mixed precision only
+    where the device supports it (:func:`~medgen_common.runtime.autocast_enabled`), one gradient scaler per
+    optimiser (active for float16 on CUDA), and :meth:`optimizer_step`: a scaled, optionally norm-clipped update
+    that refuses a non-finite loss. Subclasses implement ``_iteration``.
+
+    Args:
+        device, max_epochs, train_data_loader, epoch_length, train_handlers, amp: as MONAI's ``Trainer``.
+        optimizers: every optimiser the subclass steps.
+        grad_clip_norm: gradient-norm clip applied in every step, or None.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        optimizers: Sequence[torch.optim.Optimizer],
+        grad_clip_norm: float | None = None,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+    ):
+        amp = autocast_enabled(device, amp)
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
+            handlers=train_handlers, amp=amp, amp_kwargs={"dtype": autocast_dtype(device)} if amp else None,
+            decollate=False,
+        )  # fmt: skip
+        use_scaler = amp and autocast_dtype(device) == torch.float16
+        self.grad_clip_norm = grad_clip_norm
+        self.scalers = {optimizer: torch.amp.GradScaler("cuda", enabled=use_scaler) for optimizer in optimizers}
+
+    def autocast(self, enabled: bool = True) -> torch.autocast:
+        """Autocast context of this trainer's device and dtype (a no-op without AMP or with ``enabled=False``)."""
+        device_type = torch.device(self.state.device).type
+        return torch.autocast(device_type, enabled=self.amp and enabled, **(self.amp_kwargs or {}))
+
+    def optimizer_step(self, loss: torch.Tensor, network: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> None:
+        """Back-propagate ``loss`` and step ``optimizer`` through its scaler, clipping ``network``'s gradients.
+
+        Raises:
+            FloatingPointError: ``loss`` is NaN or infinite; the message names the loss and the iteration.
+        """
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"the {name} loss is {loss.detach().float().item()} at iteration {self.state.iteration} "
+                f"(epoch {self.state.epoch}); lower the learning rate or check the inputs for NaN/Inf."
+            )
+        scaler = self.scalers[optimizer]
+        scaler.scale(loss).backward()
+        if self.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+
+
+class AutoencoderGanTrainer(GanTrainerBase):
     """Train an ``AutoencoderKL`` with a ``PatchDiscriminator``.
 
     Generator loss: ``reconstruction(recon, x) + kl_weight * KL + perceptual_weight * P(act(recon), x)
@@ -156,17 +219,10 @@ class AutoencoderGanTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
     ):
-        amp = autocast_enabled(device, amp)
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            handlers=train_handlers,
-            amp=amp,
-            amp_kwargs={"dtype": autocast_dtype(device)} if amp else None,
-            decollate=False,
-        )
+            device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
+            train_handlers, amp,
+        )  # fmt: skip
         apply_output_activation(torch.zeros(1, 1), output_activation)  # validates the name early
         self.autoencoder, self.discriminator = autoencoder, discriminator
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
@@ -174,24 +230,13 @@ class AutoencoderGanTrainer(Trainer):
         self.perceptual_loss = perceptual_loss
         self.kl_weight, self.perceptual_weight, self.adversarial_weight = kl_weight, perceptual_weight, adversarial_weight
         self.adversarial_warmup_iterations, self.referee = adversarial_warmup_iterations, referee
-        self.output_activation, self.grad_clip_norm, self.image_key = output_activation, grad_clip_norm, image_key
+        self.output_activation, self.image_key = output_activation, image_key
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
-        use_scaler = amp and autocast_dtype(device) == torch.float16
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    def _step(self, loss: torch.Tensor, network: nn.Module, optimizer, scaler) -> None:
-        scaler.scale(loss).backward()
-        if self.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
 
     def _iteration(self, engine: AutoencoderGanTrainer, batchdata: dict) -> dict:
         images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking).float()
         use_adversarial = self.adversarial_weight > 0 and engine.state.iteration > self.adversarial_warmup_iterations
-        autocast = torch.autocast(torch.device(engine.state.device).type, enabled=engine.amp, **(engine.amp_kwargs or {}))
+        autocast = self.autocast()
 
         self.autoencoder.train()
         self.g_optimizer.zero_grad(set_to_none=True)
@@ -217,7 +262,7 @@ class AutoencoderGanTrainer(Trainer):
                 + self.perceptual_weight * perceptual
                 + self.adversarial_weight * generator_adversarial
             )
-        self._step(generator_loss, self.autoencoder, self.g_optimizer, self.g_scaler)
+        self.optimizer_step(generator_loss, self.autoencoder, self.g_optimizer, "generator")
 
         discriminator_loss = images.new_zeros(())
         if use_adversarial:
@@ -231,7 +276,7 @@ class AutoencoderGanTrainer(Trainer):
                 real = self.adversarial_loss(real_logits, target_is_real=True, for_discriminator=True)
                 discriminator_loss = self.adversarial_weight * 0.5 * (fake + real)
             if train_discriminator:
-                self._step(discriminator_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+                self.optimizer_step(discriminator_loss, self.discriminator, self.d_optimizer, "discriminator")
             if self.referee is not None:
                 self.referee.update(real_logits, fake_logits)
 
@@ -372,7 +417,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return latents, noise, (), infer_kwargs
 
 
-class SpadeGanTrainer(Trainer):
+class SpadeGanTrainer(GanTrainerBase):
     """Train a SPADE VAE-GAN image generator (:class:`~medgen_common.networks.StyleSpadeGenerator`) against a
     ``MultiScalePatchDiscriminator`` with every loss of the brainSPADE chapter (Eqs. 1.4-1.7):
 
@@ -424,11 +469,9 @@ class SpadeGanTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
     ):
-        amp = autocast_enabled(device, amp)
         super().__init__(
-            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
-            handlers=train_handlers, amp=amp, amp_kwargs={"dtype": autocast_dtype(device)} if amp else None,
-            decollate=False,
+            device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
+            train_handlers, amp,
         )  # fmt: skip
         if consistency_weight > 0 and style_augmentation is None:
             raise ValueError("consistency_weight > 0 needs a style_augmentation (e.g. monai.transforms.RandAffine).")
@@ -442,12 +485,6 @@ class SpadeGanTrainer(Trainer):
         self.classifier, self.contrast_weight, self.dataset_weight = classifier, contrast_weight, dataset_weight
         if classifier is not None:
             classifier.requires_grad_(False)
-        self.grad_clip_norm = grad_clip_norm
-        use_scaler = amp and autocast_dtype(device) == torch.float16
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    _step = AutoencoderGanTrainer._step
 
     def _classifier_losses(self, fake: torch.Tensor, batchdata: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the frozen classifier's contrast and dataset predictions on the generated images."""
@@ -470,7 +507,7 @@ class SpadeGanTrainer(Trainer):
         images = batchdata["image"].to(device, non_blocking=engine.non_blocking).float()
         styles = batchdata["style"].to(device, non_blocking=engine.non_blocking).float()
         hard_labels = probabilities_to_one_hot(labels, dim=1)
-        autocast = torch.autocast(torch.device(device).type, enabled=engine.amp, **(engine.amp_kwargs or {}))
+        autocast = self.autocast()
         zero = images.new_zeros(())
 
         self.generator.train()
@@ -500,14 +537,14 @@ class SpadeGanTrainer(Trainer):
                 + self.perceptual_weight * perceptual + self.consistency_weight * consistency
                 + self.contrast_weight * contrast + self.dataset_weight * dataset
             )  # fmt: skip
-        self._step(generator_loss, self.generator, self.g_optimizer, self.g_scaler)
+        self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
 
         self.d_optimizer.zero_grad(set_to_none=True)
         with autocast:
             real_logits, _ = self.discriminator(torch.cat([hard_labels, images], 1))
             fake_logits, _ = self.discriminator(torch.cat([hard_labels, fake.detach()], 1))
             discriminator_loss = hinge_discriminator_loss(real_logits, fake_logits)
-        self._step(discriminator_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+        self.optimizer_step(discriminator_loss, self.discriminator, self.d_optimizer, "discriminator")
 
         return {
             "loss": generator_loss.detach(),
@@ -519,4 +556,132 @@ class SpadeGanTrainer(Trainer):
             "contrast": contrast.detach(),
             "dataset": dataset.detach(),
             "discriminator": discriminator_loss.detach(),
+        }
+
+
+class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
+    """Train the V-EUS generator (B-mode -> RGB elastogram, chapter 8) against two conditional PatchGANs.
+
+    Per iteration (the authors' order): the global discriminator on (B-mode, elastogram) pairs, then the tumour
+    discriminator on the same pairs cropped to a square box around the lesion and resized to ``crop_size``
+    (:func:`~medgen_common.elastography.lesion_boxes`), then the generator with the discriminators frozen:
+
+    ``L_G = l1_weight * mean(gamma(y) |y - G(x)|) + BCE(D_g(x, G(x)), 1) + BCE(D_t(x_t, G(x)_t), 1)``   (Eq. 8.2,
+    the terms added as the authors' code does); ``L_D = 0.5 (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0))`` for each
+    discriminator (Eqs. 8.3-8.4). ``gamma`` is the colour-rebalancing prior of the *real* pixel's colour
+    (:class:`~medgen_common.elastography.ColourPrior`, Eq. 8.1), 1 without a prior.
+
+    Batch keys: ``bmode`` ``[B, 1, H, W]`` and ``elastogram`` ``[B, 3, H, W]``, both in [-1, 1], and ``mask``
+    ``[B, 1, H, W]`` (the lesion, needed with a tumour discriminator).
+
+    Args:
+        generator: image-to-image network with Tanh output.
+        global_discriminator, tumour_discriminator: MONAI ``PatchDiscriminator`` (4 input channels); the last
+            output is the logits map. ``tumour_discriminator=None`` trains without it (the ablation).
+        g_optimizer, global_optimizer, tumour_optimizer: their optimisers (``tumour_optimizer`` None with it).
+        colour_prior: gamma table, or None for plain L1 (the ablation).
+        l1_weight: lambda of Eq. 8.2 (100).
+        box_margin, min_box_size, crop_size: the tumour box (fraction of the lesion's side, pixels, pixels).
+        device, max_epochs, train_data_loader, epoch_length, train_handlers, amp, grad_clip_norm: as
+            :class:`GanTrainerBase`.
+
+    The iteration output holds ``loss`` (generator total), ``l1`` (weighted, before ``l1_weight``),
+    ``adversarial_global``, ``adversarial_tumour``, ``discriminator_global`` and ``discriminator_tumour``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader,
+        generator: nn.Module,
+        global_discriminator: nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        global_optimizer: torch.optim.Optimizer,
+        tumour_discriminator: nn.Module | None = None,
+        tumour_optimizer: torch.optim.Optimizer | None = None,
+        colour_prior: ColourPrior | None = None,
+        l1_weight: float = 100.0,
+        box_margin: float = 0.25,
+        min_box_size: int = 32,
+        crop_size: int = 64,
+        grad_clip_norm: float | None = None,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+    ):
+        if (tumour_discriminator is None) != (tumour_optimizer is None):
+            raise ValueError("give tumour_discriminator and tumour_optimizer together, or neither.")
+        optimizers = [o for o in (g_optimizer, global_optimizer, tumour_optimizer) if o is not None]
+        super().__init__(
+            device, max_epochs, train_data_loader, optimizers, grad_clip_norm, epoch_length, train_handlers, amp
+        )
+        self.generator, self.global_discriminator, self.tumour_discriminator = (
+            generator, global_discriminator, tumour_discriminator
+        )  # fmt: skip
+        self.g_optimizer, self.global_optimizer, self.tumour_optimizer = g_optimizer, global_optimizer, tumour_optimizer
+        self.colour_prior, self.l1_weight = colour_prior, l1_weight
+        self.box_margin, self.min_box_size, self.crop_size = box_margin, min_box_size, crop_size
+        self.adversarial_loss = PatchAdversarialLoss(criterion="bce")
+
+    def _discriminator_step(self, discriminator, optimizer, real_pair, fake_pair, name: str) -> torch.Tensor:
+        discriminator.requires_grad_(True)
+        optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            real = self.adversarial_loss(discriminator(real_pair)[-1].float(), target_is_real=True, for_discriminator=True)
+            fake = self.adversarial_loss(discriminator(fake_pair)[-1].float(), target_is_real=False, for_discriminator=True)
+            loss = 0.5 * (real + fake)
+        self.optimizer_step(loss, discriminator, optimizer, name)
+        return loss.detach()
+
+    def _generator_adversarial(self, discriminator, fake_pair) -> torch.Tensor:
+        # the network inside a DDP wrapper: its frozen parameters get no gradients to reduce in the generator step
+        discriminator = getattr(discriminator, "module", discriminator).requires_grad_(False)
+        return self.adversarial_loss(discriminator(fake_pair)[-1].float(), target_is_real=True, for_discriminator=False)
+
+    def _iteration(self, engine: BiDiscriminatorPix2PixTrainer, batchdata: dict) -> dict:
+        device = engine.state.device
+        bmode = batchdata["bmode"].to(device, non_blocking=engine.non_blocking).float()
+        real = batchdata["elastogram"].to(device, non_blocking=engine.non_blocking).float()
+        zero = real.new_zeros(())
+        self.generator.train()
+        self.global_discriminator.train()
+        with self.autocast():
+            fake = self.generator(bmode).float()
+
+        global_loss = self._discriminator_step(
+            self.global_discriminator, self.global_optimizer, torch.cat([bmode, real], 1),
+            torch.cat([bmode, fake.detach()], 1), "global discriminator",
+        )  # fmt: skip
+        tumour_loss = zero
+        if self.tumour_discriminator is not None:
+            boxes = lesion_boxes(batchdata["mask"].to(device), self.box_margin, self.min_box_size)
+            bmode_crop, real_crop = crop_boxes(bmode, boxes, self.crop_size), crop_boxes(real, boxes, self.crop_size)
+            self.tumour_discriminator.train()
+            tumour_loss = self._discriminator_step(
+                self.tumour_discriminator, self.tumour_optimizer, torch.cat([bmode_crop, real_crop], 1),
+                torch.cat([bmode_crop, crop_boxes(fake.detach(), boxes, self.crop_size)], 1), "tumour discriminator",
+            )  # fmt: skip
+
+        self.g_optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            weights = self.colour_prior.pixel_weights((real + 1.0) / 2.0) if self.colour_prior is not None else 1.0
+            l1 = (weights * (real - fake).abs()).mean()
+            adversarial_global = self._generator_adversarial(self.global_discriminator, torch.cat([bmode, fake], 1))
+            adversarial_tumour = zero
+            if self.tumour_discriminator is not None:
+                fake_crop = crop_boxes(fake, boxes, self.crop_size)
+                adversarial_tumour = self._generator_adversarial(self.tumour_discriminator, torch.cat([bmode_crop, fake_crop], 1))
+            generator_loss = self.l1_weight * l1 + adversarial_global + adversarial_tumour
+        self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
+        for discriminator in (self.global_discriminator, self.tumour_discriminator):
+            if discriminator is not None:
+                discriminator.requires_grad_(True)
+        return {
+            "loss": generator_loss.detach(),
+            "l1": l1.detach(),
+            "adversarial_global": adversarial_global.detach(),
+            "adversarial_tumour": adversarial_tumour.detach(),
+            "discriminator_global": global_loss,
+            "discriminator_tumour": tumour_loss,
         }

@@ -30,13 +30,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.engines import Trainer
 from monai.networks.utils import one_hot
 from scipy import ndimage
 from torch import nn
 
-from .engines import AutoencoderGanTrainer
-from .runtime import autocast_dtype, autocast_enabled
+from .engines import GanTrainerBase
 
 __all__ = [
     "EqualLinear",
@@ -382,7 +380,7 @@ def masks_to_one_hot(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
     return one_hot(labels, num_classes=num_classes, dtype=torch.float32)
 
 
-class StyleGanTrainer(Trainer):
+class StyleGanTrainer(GanTrainerBase):
     """Train :class:`StyleGan2Generator` against :class:`StyleGan2Discriminator`: per iteration one discriminator
     step, then one generator step.
 
@@ -427,28 +425,16 @@ class StyleGanTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
     ):
-        amp = autocast_enabled(device, amp)
         super().__init__(
-            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
-            handlers=train_handlers, amp=amp, amp_kwargs={"dtype": autocast_dtype(device)} if amp else None,
-            decollate=False,
+            device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
+            train_handlers, amp,
         )  # fmt: skip
         if r1_gamma < 0 or r1_interval < 1:
             raise ValueError(f"r1_gamma must be >= 0 and r1_interval >= 1, got {r1_gamma} and {r1_interval}.")
         self.generator, self.discriminator = generator, discriminator
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.r1_gamma, self.r1_interval, self.ema_generator = r1_gamma, r1_interval, ema_generator
-        self.mask_key, self.grad_clip_norm = mask_key, grad_clip_norm
-        use_scaler = amp and autocast_dtype(device) == torch.float16
-        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    _step = AutoencoderGanTrainer._step
-
-    @staticmethod
-    def _autocast(engine: StyleGanTrainer, enabled: bool = True) -> torch.autocast:
-        device_type = torch.device(engine.state.device).type
-        return torch.autocast(device_type, enabled=engine.amp and enabled, **(engine.amp_kwargs or {}))
+        self.mask_key = mask_key
 
     def _iteration(self, engine: StyleGanTrainer, batchdata: dict) -> dict:
         device = engine.state.device
@@ -462,25 +448,25 @@ class StyleGanTrainer(Trainer):
         self.discriminator.train()
 
         self.d_optimizer.zero_grad(set_to_none=True)
-        with self._autocast(engine):
+        with self.autocast():
             with torch.no_grad():
                 z = torch.randn(real.shape[0], generator.latent_dim, device=device)
                 fake = torch.softmax(self.generator(z).float(), dim=1)
             fake_logits = self.discriminator(fake)
         real = real.detach().requires_grad_(regularise)  # never mark the loader's tensor
-        with self._autocast(engine, enabled=not regularise):  # R1 differentiates D(real) twice: keep it in float32
+        with self.autocast(enabled=not regularise):  # R1 differentiates D(real) twice: keep it in float32
             real_logits = self.discriminator(real)
         discriminator_loss = logistic_discriminator_loss(real_logits, fake_logits)
         r1 = r1_penalty(real_logits, real) if regularise else real.new_zeros(())
         regularised_loss = discriminator_loss + self.r1_interval * self.r1_gamma / 2 * r1
-        self._step(regularised_loss, self.discriminator, self.d_optimizer, self.d_scaler)
+        self.optimizer_step(regularised_loss, self.discriminator, self.d_optimizer, "discriminator")
 
         self.g_optimizer.zero_grad(set_to_none=True)
-        with self._autocast(engine):
+        with self.autocast():
             z = torch.randn(real.shape[0], generator.latent_dim, device=device)
             generated_logits = self.discriminator(torch.softmax(self.generator(z).float(), dim=1))
             generator_loss = nonsaturating_generator_loss(generated_logits)
-        self._step(generator_loss, self.generator, self.g_optimizer, self.g_scaler)
+        self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
         if self.ema_generator is not None:
             self.ema_generator.update_parameters(generator)
 
