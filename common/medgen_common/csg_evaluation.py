@@ -545,11 +545,6 @@ def _items(images: torch.Tensor, masks: torch.Tensor) -> list[dict]:
     return [{"image": image[0].numpy(), "label": mask.numpy()} for image, mask in zip(images, masks)]
 
 
-def _as_display(images: torch.Tensor) -> torch.Tensor:
-    # save_png_grid turns RAS x-y into rows and columns; ultrasound arrays already have rows = depth
-    return torch.rot90(images, k=-1, dims=(-2, -1))
-
-
 def csg_report(
     autoencoder: nn.Module,
     network: nn.Module,
@@ -721,10 +716,11 @@ def csg_report(
     masks_one_hot = torch.nn.functional.one_hot(test["masks"][shown], num_classes).permute(0, 3, 1, 2)
     images_shown = [test["contexts"][shown], test["images"][shown], *(s[shown] for s in samples.values())]
     grid_masks = save_png_grid(
-        list(_as_display(masks_one_hot)), output_dir / "grid_masks.png", kind="label", ncols=shown.stop
+        list(masks_one_hot), output_dir / "grid_masks.png", kind="label", ncols=shown.stop, rotate=False
     )
     grid_images = save_png_grid(
-        list(_as_display(torch.cat(images_shown))), output_dir / "grid_images.png", ncols=shown.stop, value_range=(0, 1)
+        list(torch.cat(images_shown)), output_dir / "grid_images.png", ncols=shown.stop, value_range=(0, 1),
+        rotate=False,
     )
     report["turing_test"] = {
         "setting": turing_setting,

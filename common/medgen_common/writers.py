@@ -28,6 +28,7 @@ __all__ = [
     "label_map_to_rgb",
     "image_to_uint8",
     "save_png_grid",
+    "save_overlay_png",
     "write_json",
     "read_json",
     "LABEL_PALETTE",
@@ -149,23 +150,36 @@ def save_png_grid(
     ncols: int = 8,
     value_range: Sequence[float] | None = None,
     upscale: int = 2,
+    rotate: bool = True,
 ) -> Path:
     """Write a grid of 2D images or label maps as one PNG (3D inputs show their middle axial slice).
 
     Args:
         items: each ``[C, H, W]`` or ``[C, H, W, D]``.
         path: output PNG.
-        kind: ``"image"`` (grey, channel 0) or ``"label"`` (argmax colours).
+        kind: ``"image"`` (grey, channel 0), ``"label"`` (argmax colours) or ``"rgb"`` (channels 0-2 as colour,
+            in [0, 1]).
         ncols: grid columns.
         value_range: intensity window for images; default per image min-max.
         upscale: nearest-neighbour magnification so small demo images are visible.
+        rotate: turn RAS x-y slices (MRI) so anterior is up; False for arrays whose rows are already image rows
+            (ultrasound: rows are depth).
     """
     if len(items) == 0:
         raise ValueError("save_png_grid needs at least one item.")
+    if kind not in ("image", "label", "rgb"):
+        raise ValueError(f"kind must be 'image', 'label' or 'rgb', got {kind!r}.")
     tiles = []
     for item in items:
-        array = np.rot90(_middle_axial_slice(_to_numpy(item)), k=1, axes=(-2, -1))  # RAS x-y -> image rows/cols
-        tiles.append(label_map_to_rgb(array) if kind == "label" else image_to_uint8(array[0], value_range))
+        array = _middle_axial_slice(_to_numpy(item))
+        if rotate:
+            array = np.rot90(array, k=1, axes=(-2, -1))  # RAS x-y -> image rows/cols
+        if kind == "label":
+            tiles.append(label_map_to_rgb(array))
+        elif kind == "rgb":
+            tiles.append((np.clip(np.moveaxis(array[:3], 0, -1), 0, 1) * 255).round().astype(np.uint8))
+        else:
+            tiles.append(image_to_uint8(array[0], value_range))
     height, width = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
     ncols = min(ncols, len(tiles))
     nrows = -(-len(tiles) // ncols)
@@ -176,6 +190,31 @@ def save_png_grid(
     image = Image.fromarray(grid)
     if upscale > 1:
         image = image.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+    return Path(path)
+
+
+def save_overlay_png(grey: np.ndarray | torch.Tensor, rgb: np.ndarray | torch.Tensor, path: str | Path,
+                     alpha: float = 0.6, upscale: int = 1) -> Path:  # fmt: skip
+    """Write three panels side by side as one PNG: the grey image, the colour image, and the colour blended over the
+    grey with opacity ``alpha`` (an elastogram over its B-mode, as a scanner shows it). Rows are image rows (depth
+    for ultrasound), not rotated.
+
+    Args:
+        grey: ``[H, W]`` or ``[1, H, W]`` in [0, 1].
+        rgb: ``[3, H, W]`` in [0, 1].
+    """
+    grey, rgb = _to_numpy(grey).astype(np.float32), _to_numpy(rgb).astype(np.float32)
+    grey = grey[0] if grey.ndim == 3 else grey
+    if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.shape[1:] != grey.shape:
+        raise ValueError(f"need grey [H, W] and rgb [3, H, W] of the same size, got {grey.shape} and {rgb.shape}.")
+    grey_rgb = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
+    colour = np.clip(np.moveaxis(rgb, 0, -1), 0, 1)
+    panels = np.concatenate([grey_rgb, colour, (1 - alpha) * grey_rgb + alpha * colour], axis=1)
+    image = Image.fromarray((panels * 255).round().astype(np.uint8))
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
     return Path(path)
