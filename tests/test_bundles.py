@@ -185,6 +185,7 @@ def test_inference_writes_outputs_of_declared_shape_and_dtype(trained_bundle, tm
     bundle_root, manifest, dataset_dir = trained_bundle
     configs = harness.config_paths(bundle_root, manifest["inference"]["config_files"])
     overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir), output_dir=str(tmp_path))
+    overrides.update(manifest["inference"].get("test_overrides", {}))
     harness.run_workflow(bundle_root, configs, overrides=overrides, log_file=tmp_path / "inference.log")
     outputs = sorted(tmp_path.glob(manifest["inference"]["output_glob"]))
     assert len(outputs) == TEST_INFERENCE_OVERRIDES["num_samples"] * manifest["inference"].get("outputs_per_sample", 1)

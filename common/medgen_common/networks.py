@@ -5,6 +5,8 @@
   one class serves the 2D model and the 3D model with a 2D style encoder.
 - :class:`ContrastClassifier`: the modality/dataset classifier of the brainSPADE L_mod-dat loss, a MONAI
   ``DenseNet`` with one output per contrast and per dataset.
+- :class:`Pix2PixUNetGenerator`: the pix2pix U-Net (kernel-4 stride-2 convolutions, pre-activation blocks,
+  dropout as noise); MONAI's ``UNet`` cannot take kernel 4 and orders its layers differently.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from monai.networks.nets import DenseNet
 from monai.networks.nets.spade_network import SPADEDecoder, SPADEEncoder
 from torch import nn
 
-__all__ = ["StyleSpadeGenerator", "ContrastClassifier"]
+__all__ = ["StyleSpadeGenerator", "ContrastClassifier", "Pix2PixUNetGenerator"]
 
 
 class StyleSpadeGenerator(nn.Module):
@@ -133,3 +135,83 @@ class ContrastClassifier(nn.Module):
     def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(contrast_logits [B, num_contrasts], dataset_logits [B, num_datasets])``."""
         return logits[:, : self.num_contrasts], logits[:, self.num_contrasts :]
+
+
+class Pix2PixUNetGenerator(nn.Module):
+    """pix2pix U-Net generator ``[B, in_channels, H, W] -> [B, out_channels, H, W]`` in [-1, 1] (Tanh).
+
+    ``num_downs`` stride-2 convolutions (kernel 4) halve the image down to ``H / 2 ** num_downs``; the decoder
+    mirrors them with transposed convolutions and concatenates each encoder output (skip connections). Encoder
+    block: LeakyReLU(0.2) -> Conv -> BatchNorm (the outermost is Conv only, the innermost has no norm); decoder
+    block: ReLU -> ConvTranspose -> BatchNorm, with Dropout(``dropout``) in the ``num_downs - 5`` blocks next to
+    the innermost (pix2pix's noise); the outermost ends ReLU -> ConvTranspose -> Tanh. Widths are
+    ``min(channels * 2 ** level, max_channels)``. Weights N(0, 0.02), norm scales N(1, 0.02).
+
+    ``num_downs=7`` with ``channels=64`` is the V-EUS book's generator (decoder inputs 512, 1024, 1024, 1024, 512,
+    256, 128; 41.8 M parameters); 8 is the authors' code (pix2pix ``unet_256``).
+
+    Args:
+        in_channels, out_channels: image channels (1 B-mode, 3 RGB elastogram).
+        num_downs: number of down-samplings; H and W must be divisible by ``2 ** num_downs``.
+        channels: width of the first level (pix2pix ``ngf``).
+        max_channels: width cap (pix2pix ``8 * ngf``).
+        dropout: dropout probability of the inner decoder blocks (0 disables).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 3,
+        num_downs: int = 7,
+        channels: int = 64,
+        max_channels: int = 512,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if num_downs < 2:
+            raise ValueError(f"num_downs must be >= 2, got {num_downs}.")
+        widths = [min(channels * 2**level, max_channels) for level in range(num_downs)]
+        self.num_downs = num_downs
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level, width in enumerate(widths):
+            innermost, outermost = level == num_downs - 1, level == 0
+            source = in_channels if outermost else widths[level - 1]
+            down = [] if outermost else [nn.LeakyReLU(0.2)]
+            down.append(nn.Conv2d(source, width, 4, stride=2, padding=1, bias=False))
+            if not (outermost or innermost):
+                down.append(nn.BatchNorm2d(width))
+            self.down.append(nn.Sequential(*down))
+            up_in = width if innermost else 2 * width
+            if outermost:
+                up = [nn.ReLU(), nn.ConvTranspose2d(up_in, out_channels, 4, stride=2, padding=1), nn.Tanh()]
+            else:
+                up_conv = nn.ConvTranspose2d(up_in, source, 4, stride=2, padding=1, bias=False)
+                up = [nn.ReLU(), up_conv, nn.BatchNorm2d(source)]
+                if dropout > 0 and 4 <= level < num_downs - 1:  # pix2pix's num_downs - 5 inner blocks
+                    up.append(nn.Dropout(dropout))
+            self.up.append(nn.Sequential(*up))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        factor = 2**self.num_downs
+        if image.ndim != 4 or image.shape[2] % factor or image.shape[3] % factor:
+            raise ValueError(f"expected [B, C, H, W] with H and W divisible by {factor}, got {tuple(image.shape)}.")
+        skips = []
+        for down in self.down:
+            image = down(image)
+            skips.append(image)
+        output = self.up[-1](skips[-1])
+        for level in range(self.num_downs - 2, -1, -1):
+            output = self.up[level](torch.cat([skips[level], output], 1))
+        return output

@@ -131,4 +131,7 @@ def handlers_for_rank(handlers: list) -> list:
         return list(handlers)
     from monai.handlers import LrScheduleHandler, ValidationHandler
 
-    return [handler for handler in handlers if isinstance(handler, (LrScheduleHandler, ValidationHandler))]
+    from .handlers import LrSchedulersHandler
+
+    every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler)
+    return [handler for handler in handlers if isinstance(handler, every_rank)]

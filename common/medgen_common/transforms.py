@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Randomizable, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
-from .writers import save_nifti
+from .writers import save_nifti, save_overlay_png
 
 __all__ = [
     "normalise_probabilities",
@@ -33,6 +33,7 @@ __all__ = [
     "RandSliced",
     "LoadStackd",
     "SaveNamedNiftid",
+    "SaveOverlayPngd",
 ]
 
 
@@ -363,4 +364,26 @@ class SaveNamedNiftid(MapTransform):
             else:
                 save_nifti(image, path, affine, channel_first=True)
             d[f"{key}_path"] = str(path)
+        return d
+
+
+class SaveOverlayPngd(MapTransform):
+    """Write ``output_dir/<stem of data[grey_key]'s file>_overlay.png`` for each key's colour image ``[3, H, W]`` in
+    [0, 1]: the grey image, the colour image and their blend (:func:`~medgen_common.writers.save_overlay_png`), e.g.
+    a virtual elastogram beside and over its B-mode. ``data[grey_key]`` is ``[1, H, W]`` in [0, 1], a MetaTensor
+    that knows its file. The written path is stored under ``<key>_png``."""
+
+    def __init__(self, keys: KeysCollection, grey_key: str, output_dir: str, alpha: float = 0.6, upscale: int = 2):
+        super().__init__(keys)
+        self.grey_key, self.output_dir, self.alpha, self.upscale = grey_key, output_dir, alpha, upscale
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        grey = d[self.grey_key]
+        source = Path(str(grey.meta.get("filename_or_obj", "image"))) if isinstance(grey, MetaTensor) else Path("image")
+        stem = source.name.removesuffix(".gz").removesuffix(".nii")
+        for key in self.key_iterator(d):
+            path = Path(self.output_dir) / f"{stem}_overlay.png"
+            save_overlay_png(grey.detach().cpu(), d[key].detach().cpu(), path, self.alpha, self.upscale)
+            d[f"{key}_png"] = str(path)
         return d
