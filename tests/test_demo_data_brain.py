@@ -21,10 +21,10 @@ from medgen_common.demo_data.brain import (
     GRIDS,
     IMAGE_KEYS,
     LESION_CHANNELS,
-    _split_names,
     make_brain_dataset,
     sample_brain_subject,
 )
+from medgen_common.demo_data.splits import split_names
 from tools.make_demo_data import main as make_demo_data_main
 from tools.make_demo_data import make_demo_data
 
@@ -163,7 +163,7 @@ def test_splits_are_disjoint_by_subject(dataset):
 
 @pytest.mark.parametrize("n_subjects", [3, 4, 7, 40])
 def test_split_sizes(n_subjects):
-    splits = _split_names(n_subjects, 0.15, 0.15)
+    splits = split_names(n_subjects, 0.15, 0.15)
     counts = {split: splits.count(split) for split in ("training", "validation", "test")}
     assert len(splits) == n_subjects
     assert min(counts.values()) >= 1
@@ -172,8 +172,8 @@ def test_split_sizes(n_subjects):
 
 
 def test_split_sizes_without_minimum():
-    assert _split_names(2, 0.15, 0.15) == ["training", "training"]
-    assert _split_names(5, 0.0, 0.2) == ["training"] * 4 + ["test"]
+    assert split_names(2, 0.15, 0.15) == ["training", "training"]
+    assert split_names(5, 0.0, 0.2) == ["training"] * 4 + ["test"]
 
 
 @pytest.mark.parametrize("dimension", ["3d", "2d"])

@@ -18,6 +18,8 @@ _SUBMODULES = (
     "csg_evaluation",
     "datalist",
     "demo_data",
+    "elastography",
+    "elastography_evaluation",
     "engines",
     "guidance",
     "handlers",

@@ -38,7 +38,7 @@ from .csg import CsgSampler
 from .demo_data.ultrasound import CLASS_NAMES
 from .metrics import RandomFeatureExtractor, extract_features, frechet_distance
 from .segmentation_utility import normalise_image, train_segmenter
-from .writers import atomic_path, image_to_uint8, save_png_grid, write_json
+from .writers import atomic_path, image_to_uint8, save_png_grid, write_csv, write_json
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
 
@@ -397,8 +397,8 @@ def export_turing_test(
         key_rows.append({"image": name, "truth": truth, "source_index": index})
         paths.append(image_dir / name)
     key_path, responses_path = out_dir / "answer_key.csv", out_dir / "blinded" / "responses.csv"
-    _write_csv(key_path, ["image", "truth", "source_index"], key_rows)
-    _write_csv(responses_path, ["image", "response"], [{"image": row["image"], "response": ""} for row in key_rows])
+    write_csv(key_path, ["image", "truth", "source_index"], key_rows)
+    write_csv(responses_path, ["image", "response"], [{"image": row["image"], "response": ""} for row in key_rows])
     return {
         "images": [str(path) for path in paths],
         "answer_key": str(key_path),
@@ -406,13 +406,6 @@ def export_turing_test(
         "num_real": sum(row["truth"] == "real" for row in key_rows),
         "num_synthetic": sum(row["truth"] == "synthetic" for row in key_rows),
     }
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping]) -> None:
-    with atomic_path(path) as temporary, open(temporary, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _read_csv(path: str | os.PathLike, columns: Sequence[str], what: str) -> list[dict]:

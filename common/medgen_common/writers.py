@@ -6,6 +6,7 @@ leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "image_to_uint8",
     "save_png_grid",
     "save_overlay_png",
+    "write_csv",
     "write_json",
     "read_json",
     "LABEL_PALETTE",
@@ -217,6 +219,15 @@ def save_overlay_png(grey: np.ndarray | torch.Tensor, rgb: np.ndarray | torch.Te
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
     with atomic_path(path) as temporary:
         image.save(temporary, format="PNG")
+    return Path(path)
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence) -> Path:
+    """Write ``rows`` (mappings) as CSV with a header of ``columns``, atomically."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
     return Path(path)
 
 

@@ -81,6 +81,7 @@ import numpy as np
 from scipy import ndimage, special
 
 from ..writers import save_nifti
+from .splits import check_dataset_arguments, split_names
 
 __all__ = [
     "BRAIN_CHANNELS",
@@ -550,40 +551,11 @@ def _axial_slices(brain: np.ndarray, count: int) -> np.ndarray:
     return candidates[np.floor(positions + 0.5).astype(int)]
 
 
-def _split_names(n_subjects: int, val_fraction: float, test_fraction: float) -> list[str]:
-    """Split of each subject, in order training, validation, test; with n >= 3 every requested split gets one."""
-    counts = {
-        "validation": math.floor(n_subjects * val_fraction + 0.5),
-        "test": math.floor(n_subjects * test_fraction + 0.5),
-    }
-    if n_subjects >= 3:
-        for split, fraction in (("validation", val_fraction), ("test", test_fraction)):
-            if fraction > 0:
-                counts[split] = max(counts[split], 1)
-    while counts["validation"] + counts["test"] > n_subjects - 1:  # keep at least one training subject
-        larger = max(counts, key=counts.get)
-        counts[larger] -= 1
-    n_training = n_subjects - counts["validation"] - counts["test"]
-    return ["training"] * n_training + ["validation"] * counts["validation"] + ["test"] * counts["test"]
-
-
 def _check_arguments(n_subjects, seed, grids, slices_per_subject, val_fraction, test_fraction, channels):
     """Raise ValueError naming the first bad argument; return the grid names and channels as tuples."""
-    integers = (("n_subjects", n_subjects, 1), ("seed", seed, 0), ("slices_per_subject", slices_per_subject, 1))
-    for name, value, minimum in integers:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}.")
-    grids = (grids,) if isinstance(grids, str) else tuple(dict.fromkeys(grids))
-    if not grids:
-        raise ValueError(f"grids must name at least one of {list(GRIDS)}.")
-    for grid in grids:
-        if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r} in grids; choose from {list(GRIDS)}.")
+    grids = check_dataset_arguments(
+        n_subjects, seed, grids, list(GRIDS), val_fraction, test_fraction, slices_per_subject=slices_per_subject
+    )
     channels = tuple(channels)
     for name in channels:
         if name not in BRAIN_CHANNELS:
@@ -642,7 +614,7 @@ def make_brain_dataset(
         n_subjects, seed, grids, slices_per_subject, val_fraction, test_fraction, channels
     )
     template = _load_template()
-    splits = _split_names(n_subjects, val_fraction, test_fraction)
+    splits = split_names(n_subjects, val_fraction, test_fraction)
     digits = max(3, len(str(n_subjects - 1)))
     datalists = {}
     for grid_name in grid_names:

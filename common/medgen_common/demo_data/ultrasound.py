@@ -70,7 +70,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..writers import save_nifti, write_json
-from .brain import _split_names
+from .splits import check_dataset_arguments, split_names
 
 __all__ = [
     "CLASS_NAMES",
@@ -584,26 +584,12 @@ def _check_arguments(
     n_subjects, seed, grids, frames_per_subject, devices, val_fraction, test_fraction
 ) -> tuple[str, ...]:
     """Raise ValueError naming the first bad argument; return the grid names."""
-    integers = (
-        ("n_subjects", n_subjects, 1, None), ("seed", seed, 0, None),
-        ("frames_per_subject", frames_per_subject, 1, None), ("devices", devices, 1, len(DEVICES)),
+    grids = check_dataset_arguments(
+        n_subjects, seed, grids, list(GRIDS), val_fraction, test_fraction, frames_per_subject=frames_per_subject,
+        devices=devices,
     )  # fmt: skip
-    for name, value, minimum, maximum in integers:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-        if maximum is not None and value > maximum:
-            raise ValueError(f"{name} must be at most {maximum} (the number of DEVICES), got {value!r}.")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}.")
-    grids = (grids,) if isinstance(grids, str) else tuple(dict.fromkeys(grids))
-    if not grids:
-        raise ValueError(f"grids must name at least one of {list(GRIDS)}.")
-    for grid in grids:
-        if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r} in grids; choose from {list(GRIDS)}.")
+    if devices > len(DEVICES):
+        raise ValueError(f"devices must be at most {len(DEVICES)} (the number of DEVICES), got {devices!r}.")
     return grids
 
 
@@ -653,7 +639,7 @@ def make_msk_dataset(
     """
     grid_names = _check_arguments(n_subjects, seed, grids, frames_per_subject, devices, val_fraction, test_fraction)
     _check_prevalence(finding_prevalence)
-    splits = _split_names(n_subjects, val_fraction, test_fraction)
+    splits = split_names(n_subjects, val_fraction, test_fraction)
     digits = max(3, len(str(n_subjects - 1)))
     grid_dirs = {name: Path(out_dir) / name for name in grid_names}
     for grid_dir in grid_dirs.values():
