@@ -28,6 +28,7 @@ _SUBMODULES = (
     "losses",
     "mask_editing",
     "metrics",
+    "mri",
     "networks",
     "runtime",
     "sampling",
