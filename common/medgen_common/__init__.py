@@ -30,6 +30,7 @@ _SUBMODULES = (
     "metrics",
     "mri",
     "networks",
+    "posterior_sampling",
     "runtime",
     "sampling",
     "segmentation_utility",
