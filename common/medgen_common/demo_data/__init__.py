@@ -3,11 +3,13 @@ writes the files and returns the datalist paths (see ``brain.make_brain_dataset`
 
 from .brain import make_brain_dataset
 from .elastography import make_elastography_dataset
+from .mri import make_mri_dataset
 from .ultrasound import make_msk_dataset
 
 GENERATORS = {
     "brain": make_brain_dataset,
     "msk_ultrasound": make_msk_dataset,
     "elastography": make_elastography_dataset,
+    "mri": make_mri_dataset,
 }
-__all__ = ["GENERATORS", "make_brain_dataset", "make_msk_dataset", "make_elastography_dataset"]
+__all__ = ["GENERATORS", "make_brain_dataset", "make_msk_dataset", "make_elastography_dataset", "make_mri_dataset"]
