@@ -13,6 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "compressed_sensing",
     "context_selection",
     "csg",
     "csg_evaluation",
