@@ -149,8 +149,8 @@ def trained_bundle(request, tmp_path_factory):
     work = tmp_path_factory.mktemp(source.name)
     bundle_root = work / source.name
     shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))
-    # few subjects; bundles whose subjects are single frames ask for more (``test_subjects``) so that every split
-    # has two, as two torchrun ranks need
+    # few subjects; a bundle asks for more (``test_subjects``) where its splits need them, e.g. two per split for
+    # two torchrun ranks when a subject is a single frame
     num_subjects = manifest["demo_data"].get("test_subjects", 4)
     dataset_dir = harness.make_demo_dataset(manifest["demo_data"], work / "data", num_subjects=num_subjects)
     overrides = dict(TEST_OVERRIDES, dataset_dir=str(dataset_dir))

@@ -96,12 +96,14 @@ def _data_consistency(prior: DiffusionPrior, operator, image: torch.Tensor, meas
 
 
 def _noise(shape, reference: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=reference.device, dtype=torch.float32)
+    """Standard normal noise drawn on the generator's device (a CPU generator also serves CUDA runs)."""
+    device = generator.device if generator is not None else reference.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(reference.device)
 
 
 def _initial(prior: DiffusionPrior, measured: torch.Tensor, shape, generator) -> torch.Tensor:
     channels = 1 if prior.image_type == "real" else 2
-    return torch.randn((shape[0], channels, *shape[-2:]), generator=generator, device=measured.device)
+    return _noise((shape[0], channels, *shape[-2:]), measured, generator)
 
 
 def dds(
