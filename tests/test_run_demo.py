@@ -11,7 +11,8 @@ import pytest
 from tools import bundles as harness
 
 QUICK = {"epochs": 1, "epoch_length": 2, "batch_size": 2, "val_interval": 1, "num_samples": 2,
-         "num_samples_per_group": 1, "num_inference_steps": 2, "num_threads": 1}  # fmt: skip
+         "num_samples_per_group": 1, "num_inference_steps": 2, "num_threads": 1,
+         "dds_steps": 2, "pc_levels": 2, "cs_iterations": 2, "num_test_images": 2}  # fmt: skip
 
 
 def test_overrides_are_read_as_json_when_possible():

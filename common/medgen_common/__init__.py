@@ -30,6 +30,7 @@ _SUBMODULES = (
     "mask_editing",
     "metrics",
     "mri",
+    "mri_reconstruction",
     "networks",
     "posterior_sampling",
     "runtime",
