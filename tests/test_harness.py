@@ -91,3 +91,18 @@ def test_failing_workflow_raises_with_its_output(bundle_copy, tmp_path):
             bundle_copy, harness.config_paths(bundle_copy, ["configs/train_autoencoder.json"]), run_id="training",
             overrides={"dataset_dir": str(tmp_path / "nowhere"), "device_name": "cpu"},
         )  # fmt: skip
+
+
+def test_boolean_and_list_overrides_reach_the_config_with_their_types(tmp_path):
+    import subprocess
+    import sys
+
+    from tools.bundles import _format_override
+
+    config = tmp_path / "config.json"
+    config.write_text('{"flag": true, "items": [0], "out": "", "run": ["$open(@out, \'w\').write(repr((@flag, @items)))"]}')
+    out = tmp_path / "out.txt"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config), "--out", str(out),
+               "--flag", _format_override(False), "--items", _format_override([1, "a", None])]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    assert out.read_text() == repr((False, [1, "a", None]))

@@ -70,7 +70,9 @@ def worker_environment(num_threads: int = 1) -> dict:
 
 
 def _format_override(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+    """A config override as ``monai.bundle run`` (python-fire) reads it back: Python literals, so ``False`` stays a
+    bool (fire would read JSON's ``false`` as the string 'false', which is truthy)."""
+    return repr(value) if isinstance(value, (list, dict, tuple, bool)) or value is None else str(value)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -104,7 +106,7 @@ def run_workflow(
         bundle_root: the bundle folder (a copy, when the run must not write into the repository).
         config_files: absolute config paths, merged in order.
         run_id: workflow entry (``run``, ``training``, ...).
-        overrides: ``--key value`` pairs; lists and booleans are passed as JSON.
+        overrides: ``--key value`` pairs; lists, dicts, booleans and None are passed as Python literals.
         nproc_per_node: run with ``torch.distributed.run`` and this many processes.
         log_file: write the combined output here while the workflow runs (otherwise it is captured).
 

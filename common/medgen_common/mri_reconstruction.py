@@ -9,6 +9,7 @@ as the images have a peak magnitude of 1), the data residual ||A x - y|| / ||y||
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 SOLVERS = {"dds": dds, "pc": predictor_corrector, "dps": dps}
+logger = logging.getLogger(__name__)
 
 
 def load_complex_images(entries: Sequence[Mapping], key: str = "image") -> torch.Tensor:
@@ -141,6 +143,7 @@ def mri_report(
         def score(estimate, truth):
             return float(np.mean(magnitude_scores(estimate, truth)["psnr"]))
 
+        logger.info(f"mri_report: protocol {name}: tuning TV and L1-wavelet weights on {len(validation_images)} slices")
         methods = {"zero_filled": (zero_filled(operator, measured), 0, {})}
         for method, function in (("tv", tv_reconstruction), ("l1_wavelet", l1_wavelet_reconstruction)):
             weight, _ = tune_regularisation(
@@ -149,6 +152,7 @@ def mri_report(
             )  # fmt: skip
             methods[method] = (function(operator, measured, weight, iterations=cs_iterations), 0, {"weight": weight})
         for solver, settings in solvers.items():
+            logger.info(f"mri_report: protocol {name}: {solver} on {len(test_images)} slices")
             start = time.perf_counter()
             images, nfe = reconstruct(prior, solver, operator, measured, settings, seed)
             methods[solver] = (images, nfe, {"seconds": time.perf_counter() - start})
@@ -165,6 +169,7 @@ def mri_report(
     first_solver, first_settings = next(iter(solvers.items()))
     spread = {}
     for acceleration in uncertainty_accelerations:
+        logger.info(f"mri_report: posterior spread at x{acceleration}, {num_posterior_samples} samples of {first_solver}")
         protocol = {"mask_kind": "uniform1d", "acceleration": acceleration, "center_fraction": 0.08}
         operator, measured = simulate_measurement(test_images, protocol, num_coils, seed)
         _, std = posterior_statistics(
