@@ -625,7 +625,7 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
         self.adversarial_loss = PatchAdversarialLoss(criterion="bce")
 
     def _discriminator_step(self, discriminator, optimizer, real_pair, fake_pair, name: str) -> torch.Tensor:
-        discriminator.requires_grad_(True)
+        discriminator.requires_grad_(True)  # frozen by the previous generator step
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             real = self.adversarial_loss(discriminator(real_pair)[-1].float(), target_is_real=True, for_discriminator=True)
@@ -674,9 +674,6 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
                 adversarial_tumour = self._generator_adversarial(self.tumour_discriminator, torch.cat([bmode_crop, fake_crop], 1))
             generator_loss = self.l1_weight * l1 + adversarial_global + adversarial_tumour
         self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
-        for discriminator in (self.global_discriminator, self.tumour_discriminator):
-            if discriminator is not None:
-                discriminator.requires_grad_(True)
         return {
             "loss": generator_loss.detach(),
             "l1": l1.detach(),

@@ -119,16 +119,15 @@ def dds(
     timesteps = _timesteps(prior, num_steps)
     x = _initial(prior, measured, image_shape, generator)
     with torch.no_grad():
-        for index, t in enumerate(timesteps):
+        for t, t_next in zip(timesteps, timesteps[1:] + [None]):
             eps = prior.eps(x, t)
             x0 = (x - (1.0 - prior.abar(t)) ** 0.5 * eps) / prior.abar(t) ** 0.5
             image = _data_consistency(prior, operator, prior.from_channels(x0), measured, cg_iterations)
-            if index == len(timesteps) - 1:
-                return image
-            abar_next = prior.abar(timesteps[index + 1])
-            noise = eta * _noise(x.shape, x, generator) + (1.0 - eta**2) ** 0.5 * eps
-            x = abar_next**0.5 * prior.to_channels(image) + (1.0 - abar_next) ** 0.5 * noise
-    raise AssertionError("unreachable")
+            if t_next is not None:
+                abar_next = prior.abar(t_next)
+                noise = eta * _noise(x.shape, x, generator) + (1.0 - eta**2) ** 0.5 * eps
+                x = abar_next**0.5 * prior.to_channels(image) + (1.0 - abar_next) ** 0.5 * noise
+    return image
 
 
 def predictor_corrector(
@@ -173,20 +172,20 @@ def dps(
     x0_hat of the last step ``[B, H, W]``."""
     timesteps = _timesteps(prior, num_steps)
     x = _initial(prior, measured, image_shape, generator)
-    for index, t in enumerate(timesteps):
+    for t, t_next in zip(timesteps, timesteps[1:] + [None]):
         x = x.detach().requires_grad_(True)
         eps = prior.eps(x, t)
         x0 = (x - (1.0 - prior.abar(t)) ** 0.5 * eps) / prior.abar(t) ** 0.5
+        if t_next is None:
+            break
         residual = (operator.A(prior.from_channels(x0)) - measured).abs().pow(2).flatten(1).sum(1).sqrt()
         (gradient,) = torch.autograd.grad(residual.sum(), x)
-        if index == len(timesteps) - 1:
-            return prior.from_channels(x0.detach())
-        abar, abar_prev = prior.abar(t), prior.abar(timesteps[index + 1])
+        abar, abar_prev = prior.abar(t), prior.abar(t_next)
         sigma = ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
         with torch.no_grad():
             x = (abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps + sigma * _noise(x.shape, x, generator)
                  - step_size * gradient)  # fmt: skip
-    raise AssertionError("unreachable")
+    return prior.from_channels(x0.detach())
 
 
 def posterior_statistics(sample: Callable[[torch.Generator], torch.Tensor], num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
