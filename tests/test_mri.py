@@ -10,7 +10,9 @@ from medgen_common.mri import (
     MASK_KINDS,
     MultiCoilMRI,
     SingleCoilMRI,
+    calibration_region,
     conjugate_gradient,
+    estimate_coil_maps,
     fft2c,
     ifft2c,
     make_mask,
@@ -113,3 +115,21 @@ def test_coil_maps_combine_to_one_and_rss_recovers_the_magnitude():
     torch.testing.assert_close(root_sum_of_squares(image * maps), image.abs())
     with pytest.raises(ValueError, match="sensitivity"):
         MultiCoilMRI(torch.ones(SHAPE, dtype=torch.bool), maps[:, :16])
+
+
+def test_coil_maps_are_estimated_from_the_fully_sampled_centre():
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    inside = (rows**2 / 0.7 + cols**2 / 0.5) < 1
+    image = inside * (1.0 + 0.3 * torch.cos(3 * rows)) * torch.exp(1j * (0.5 * cols))  # smooth object
+    maps = synthetic_coil_maps(SHAPE, 8)
+    mask = make_mask("uniform1d", SHAPE, 3, center_fraction=0.25, seed=0)
+    assert calibration_region(mask) == (32, 8)
+    estimate = estimate_coil_maps(fft2c(image * maps) * mask, mask)
+    # sensitivities are defined up to a common phase: compare normalised correlations inside the object
+    correlation = (estimate.conj() * maps).sum(0)[inside]
+    assert float(correlation.abs().mean()) > 0.97
+    torch.testing.assert_close(estimate.abs().pow(2).sum(0)[inside], torch.ones(int(inside.sum())), atol=1e-4, rtol=0)
+    every_other_column = torch.zeros(SHAPE, dtype=torch.bool)
+    every_other_column[:, ::2] = True
+    with pytest.raises(ValueError, match="fully sampled k-space centre"):
+        estimate_coil_maps(fft2c(image * maps) * every_other_column, every_other_column)

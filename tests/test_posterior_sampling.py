@@ -9,7 +9,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medgen_common.mri import MultiCoilMRI, SingleCoilMRI, fft2c, make_mask, synthetic_coil_maps
-from medgen_common.posterior_sampling import DiffusionPrior, dds, dps, posterior_statistics, predictor_corrector
+from medgen_common.posterior_sampling import DiffusionPrior, dds, dps, mcg, posterior_statistics, predictor_corrector
 
 SHAPE = (16, 16)
 BATCH = 48
@@ -46,12 +46,15 @@ def _check_posterior(samples: torch.Tensor, operator: SingleCoilMRI, measured: t
     assert 0.7 < float(free.std(0).mean()) < 1.3  # and unit spread
 
 
-@pytest.mark.parametrize("solver, steps, nfe", [(dds, 50, 50), (predictor_corrector, 100, 200)], ids=["dds", "pc"])
+@pytest.mark.parametrize(
+    "solver, steps, nfe", [(dds, 50, 50), (predictor_corrector, 100, 200), (mcg, 60, 60)], ids=["dds", "pc", "mcg"]
+)
 def test_solvers_sample_the_known_posterior_and_count_evaluations(solver, steps, nfe):
+    # MCG's gradient lies in the measured subspace here (the oracle is linear), which its projections overwrite
     prior = _prior()
     operator = SingleCoilMRI(make_mask("uniform1d", SHAPE, 4, center_fraction=0.125, seed=0))
     measured = _measurement(operator)
-    keyword = "num_steps" if solver is dds else "num_levels"
+    keyword = "num_levels" if solver is predictor_corrector else "num_steps"
     samples = solver(prior, operator, measured, (BATCH, *SHAPE), **{keyword: steps}, generator=torch.Generator().manual_seed(1))
     assert samples.shape == (BATCH, *SHAPE) and samples.is_complex()
     assert prior.nfe == nfe
@@ -82,6 +85,14 @@ def test_dps_pulls_samples_towards_the_data():
 
     residuals = [residual(step_size) for step_size in (0.0, 1.0, 4.0)]  # step 0: unconditional prior samples
     assert residuals[0] > residuals[1] > residuals[2] and residuals[2] < 0.2 * residuals[0]
+
+
+def test_projection_solvers_refuse_operators_without_a_projection():
+    operator = MultiCoilMRI(make_mask("poisson", SHAPE, 2, center_fraction=0.25, seed=0), synthetic_coil_maps(SHAPE, 2))
+    measured = operator.A(torch.ones(1, *SHAPE, dtype=torch.complex64))
+    for solver in (predictor_corrector, mcg):
+        with pytest.raises(ValueError, match="exact projection"):
+            solver(_prior(), operator, measured, (1, *SHAPE))
 
 
 def test_real_images_stay_real():

@@ -24,6 +24,8 @@ from monai.networks.blocks.fft_utils_t import fftn_centered_t, ifftn_centered_t
 __all__ = [
     "fft2c",
     "ifft2c",
+    "complex_to_channels",
+    "channels_to_complex",
     "MASK_KINDS",
     "make_mask",
     "sampling_fraction",
@@ -31,6 +33,8 @@ __all__ = [
     "MultiCoilMRI",
     "conjugate_gradient",
     "synthetic_coil_maps",
+    "calibration_region",
+    "estimate_coil_maps",
     "root_sum_of_squares",
 ]
 
@@ -43,6 +47,16 @@ def fft2c(image: torch.Tensor) -> torch.Tensor:
 def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`fft2c`."""
     return torch.view_as_complex(ifftn_centered_t(torch.view_as_real(kspace.contiguous()), spatial_dims=2).contiguous())
+
+
+def complex_to_channels(image: torch.Tensor) -> torch.Tensor:
+    """Complex ``[B, H, W]`` -> real ``[B, 2, H, W]`` float32 (real, imaginary): the networks' layout."""
+    return torch.view_as_real(image.contiguous()).permute(0, 3, 1, 2).float()
+
+
+def channels_to_complex(channels: torch.Tensor) -> torch.Tensor:
+    """Real ``[B, 2, H, W]`` (real, imaginary) -> complex ``[B, H, W]`` (complex64)."""
+    return torch.complex(channels[:, 0].float(), channels[:, 1].float())
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
@@ -269,6 +283,43 @@ def synthetic_coil_maps(shape: tuple[int, int], num_coils: int = 8, radius: floa
     maps = np.stack(maps)
     maps /= np.sqrt((np.abs(maps) ** 2).sum(0, keepdims=True))
     return torch.from_numpy(maps.astype(np.complex64))
+
+
+def calibration_region(mask: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns of the largest fully sampled block centred on the k-space centre of ``mask [H, W]``."""
+    centre_row, centre_col = mask.shape[0] // 2, mask.shape[1] // 2
+    sizes = []
+    for line in (mask[:, centre_col], mask[centre_row, :]):
+        centre, low = len(line) // 2, len(line) // 2
+        while low > 0 and line[low - 1]:
+            low -= 1
+        high = centre
+        while high < len(line) and line[high]:
+            high += 1
+        sizes.append(min(centre - low, high - centre) * 2)
+    return sizes[0], sizes[1]
+
+
+def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """Coil sensitivities ``[C, H, W]`` from measured multi-coil k-space ``[C, H, W]``: low-resolution coil images
+    from the fully sampled centre (``calibration_region``, Hann-windowed) divided by their root sum of squares,
+    zero where that is below ``threshold`` x its maximum (the ACS-ratio method; ESPIRiT is more robust to
+    field-of-view folding).
+
+    Raises:
+        ValueError: the mask has no fully sampled centre of at least 4 x 4 samples.
+    """
+    rows, cols = calibration_region(mask)
+    if min(rows, cols) < 4:
+        raise ValueError(f"coil maps need a fully sampled k-space centre of >= 4 x 4 samples; this mask has {rows} x {cols}.")
+    window = torch.zeros(mask.shape, dtype=torch.float32)
+    top, left = mask.shape[0] // 2 - rows // 2, mask.shape[1] // 2 - cols // 2
+    window[top : top + rows, left : left + cols] = torch.outer(torch.hann_window(rows, periodic=False),
+                                                              torch.hann_window(cols, periodic=False))  # fmt: skip
+    coil_images = ifft2c(kspace * window.to(kspace.device))
+    rss = root_sum_of_squares(coil_images)
+    inside = rss > threshold * rss.max()
+    return torch.where(inside, coil_images / rss.clamp_min(1e-12), torch.zeros_like(coil_images))
 
 
 def root_sum_of_squares(coil_images: torch.Tensor) -> torch.Tensor:

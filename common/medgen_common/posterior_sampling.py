@@ -10,6 +10,8 @@ denoiser and as a VE score, and the solvers that combine it with a measurement o
   VE levels of the prior, each followed by the exact data-consistency projection.
 - :func:`dps`: diffusion posterior sampling (Eq. 7.33): ancestral steps plus the gradient of ||y - A x0_hat||
   through the network.
+- :func:`mcg`: manifold constrained gradient: the DPS step plus a projection onto the noisy measurement of each
+  level, and hard data consistency at the end.
 - :func:`posterior_statistics`: pixel-wise posterior mean and standard deviation from K samples.
 
 Images are complex tensors ``[B, H, W]``. ``image_type="real"`` uses a 1-channel prior and keeps images real (the
@@ -24,9 +26,9 @@ from collections.abc import Callable
 
 import torch
 
-from .mri import conjugate_gradient
+from .mri import channels_to_complex, complex_to_channels, conjugate_gradient
 
-__all__ = ["DiffusionPrior", "dds", "predictor_corrector", "dps", "posterior_statistics"]
+__all__ = ["DiffusionPrior", "dds", "predictor_corrector", "dps", "mcg", "posterior_statistics"]
 
 IMAGE_TYPES = ("real", "complex")
 
@@ -52,13 +54,13 @@ class DiffusionPrior:
         """Complex ``[B, H, W]`` -> network input ``[B, C, H, W]`` (float32)."""
         if self.image_type == "real":
             return image.real.float().unsqueeze(1)
-        return torch.view_as_real(image).permute(0, 3, 1, 2).float()
+        return complex_to_channels(image)
 
     def from_channels(self, channels: torch.Tensor) -> torch.Tensor:
         """Network-space ``[B, C, H, W]`` -> complex ``[B, H, W]`` (complex64)."""
         if self.image_type == "real":
             return torch.complex(channels[:, 0], torch.zeros_like(channels[:, 0]))
-        return torch.complex(channels[:, 0], channels[:, 1])
+        return channels_to_complex(channels)
 
     def abar(self, t: int) -> float:
         return float(self.alphas_cumprod[t])
@@ -162,14 +164,11 @@ def predictor_corrector(
     return prior.from_channels(mean)
 
 
-def dps(
-    prior: DiffusionPrior, operator, measured: torch.Tensor, image_shape: tuple[int, int, int], num_steps: int = 60,
-    step_size: float = 1.0, generator: torch.Generator | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Diffusion posterior sampling (chapter Eq. 7.33): ancestral (DDIM eta = 1) steps on ``num_steps`` timesteps,
-    each followed by x_{t-1} -= ``step_size`` * grad_{x_t} ||y - A x0_hat(x_t)|| (the authors' unsquared norm per
-    sample), differentiating through the network; no clipping of x0_hat (complex MRI is signed). Returns
-    x0_hat of the last step ``[B, H, W]``."""
+def _guided_ancestral(prior, operator, measured, image_shape, num_steps, step_size, generator, manifold: bool):
+    """The loop shared by DPS and MCG: ancestral (DDIM eta = 1) steps on ``num_steps`` timesteps, each followed by
+    x_{t-1} -= ``step_size`` * grad_{x_t} ||y - A x0_hat(x_t)|| (the authors' unsquared norm per sample), through
+    the network; with ``manifold`` also the projection onto the noisy measurement sqrt(abar_{t-1}) y +
+    sqrt(1 - abar_{t-1}) A z (MCG) and a final hard data consistency."""
     timesteps = _timesteps(prior, num_steps)
     x = _initial(prior, measured, image_shape, generator)
     for t, t_next in zip(timesteps, timesteps[1:] + [None]):
@@ -185,7 +184,35 @@ def dps(
         with torch.no_grad():
             x = (abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps + sigma * _noise(x.shape, x, generator)
                  - step_size * gradient)  # fmt: skip
-    return prior.from_channels(x0.detach())
+            if manifold:
+                noisy = abar_prev**0.5 * measured + (1 - abar_prev) ** 0.5 * operator.A(
+                    prior.from_channels(_noise(x.shape, x, generator)))  # fmt: skip
+                x = prior.to_channels(_data_consistency(prior, operator, prior.from_channels(x), noisy, 0))
+    image = prior.from_channels(x0.detach())
+    return _data_consistency(prior, operator, image, measured, 0) if manifold else image
+
+
+def dps(
+    prior: DiffusionPrior, operator, measured: torch.Tensor, image_shape: tuple[int, int, int], num_steps: int = 60,
+    step_size: float = 1.0, generator: torch.Generator | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Diffusion posterior sampling (chapter Eq. 7.33): ancestral (DDIM eta = 1) steps on ``num_steps`` timesteps,
+    each followed by x_{t-1} -= ``step_size`` * grad_{x_t} ||y - A x0_hat(x_t)|| (the authors' unsquared norm per
+    sample), differentiating through the network; no clipping of x0_hat (complex MRI is signed). Returns
+    x0_hat of the last step ``[B, H, W]``."""
+    return _guided_ancestral(prior, operator, measured, image_shape, num_steps, step_size, generator, manifold=False)
+
+
+def mcg(
+    prior: DiffusionPrior, operator, measured: torch.Tensor, image_shape: tuple[int, int, int], num_steps: int = 60,
+    step_size: float = 1.0, generator: torch.Generator | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Manifold constrained gradient (ref. [6], chapter Prop. 7.1; the DPS code's variant): the DPS step, then the
+    projection onto the noisy measurement y_{t-1} = sqrt(abar_{t-1}) y + sqrt(1 - abar_{t-1}) A z, z ~ N(0, I);
+    the returned x0_hat ``[B, H, W]`` is made exactly data consistent. Needs an exact ``project``."""
+    if not hasattr(operator, "project"):
+        raise ValueError("mcg needs an operator with an exact projection (single-coil Cartesian).")
+    return _guided_ancestral(prior, operator, measured, image_shape, num_steps, step_size, generator, manifold=True)
 
 
 def posterior_statistics(sample: Callable[[torch.Generator], torch.Tensor], num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ __all__ = [
     "is_main_process",
     "wrap_distributed",
     "handlers_for_rank",
+    "load_trained",
 ]
 
 
@@ -135,3 +136,16 @@ def handlers_for_rank(handlers: list) -> list:
 
     every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler)
     return [handler for handler in handlers if isinstance(handler, every_rank)]
+
+
+def load_trained(network: torch.nn.Module, path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a state dict saved by a training workflow into ``network`` (``weights_only=True``); return it frozen
+    in eval mode.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names the workflow's checkpoint file).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no trained weights at '{path}'; run the training workflow that writes it first.")
+    network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return network.to(device).eval().requires_grad_(False)

@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Randomizable, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
+from .mri import SingleCoilMRI, channels_to_complex, complex_to_channels, make_mask
 from .writers import save_nifti, save_overlay_png
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "CheckFinited",
     "RandPickd",
     "RandSliced",
+    "RandUndersampled",
     "LoadStackd",
     "SaveNamedNiftid",
     "SaveOverlayPngd",
@@ -303,6 +305,35 @@ class RandSliced(Randomizable, MapTransform):
             candidates = torch.nonzero(area >= self.min_area_fraction * area.max()).flatten()
             index = int(candidates[self.R.randint(len(candidates))])
             d[key] = image.select(spatial_axis, index)
+        return d
+
+
+class RandUndersampled(Randomizable, MapTransform):
+    """Simulate accelerated single-coil MRI for supervised training: the fully sampled complex image ``[2, H, W]``
+    (real, imaginary channels) under each key moves to ``target_key`` (e.g. "label") and is replaced by its
+    zero-filled reconstruction from a Cartesian mask drawn afresh each call (``medgen_common.mri.make_mask``).
+
+    Raises:
+        ValueError: an image that is not ``[2, H, W]``.
+    """
+
+    def __init__(self, keys: KeysCollection, mask_kind: str, acceleration: float, center_fraction: float = 0.08,
+                 target_key: str = "label", allow_missing_keys: bool = False):  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.mask_kind, self.acceleration, self.center_fraction = mask_kind, acceleration, center_fraction
+        self.target_key = target_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=False).float()
+            if image.ndim != 3 or image.shape[0] != 2:
+                raise ValueError(f"'{key}' must be a complex image as [2, H, W] (real, imaginary), got {tuple(image.shape)}.")
+            mask = make_mask(self.mask_kind, tuple(image.shape[-2:]), self.acceleration, self.center_fraction,
+                             seed=int(self.R.randint(2**31)))  # fmt: skip
+            operator = SingleCoilMRI(mask)
+            d[self.target_key] = image
+            d[key] = complex_to_channels(operator.AH(operator.A(channels_to_complex(image[None]))))[0]
         return d
 
 

@@ -95,6 +95,7 @@ __all__ = [
     "Grid",
     "BrainSubject",
     "Tumour",
+    "axial_brain_planes",
     "make_brain_dataset",
     "sample_brain_subject",
 ]
@@ -541,12 +542,12 @@ def _write_case(
     return entry
 
 
-def _axial_slices(brain: np.ndarray, count: int) -> np.ndarray:
+def axial_brain_planes(brain: np.ndarray, count: int | None = None) -> np.ndarray:
     """``count`` evenly spaced z indices among the axial planes of ``brain`` (X, Y, Z) with at least
-    ``_MIN_SLICE_BRAIN_AREA`` x the largest brain area (all of them if there are fewer)."""
+    ``_MIN_SLICE_BRAIN_AREA`` x the largest brain area (all of them if there are fewer, or ``count`` is None)."""
     area = brain.sum(axis=(0, 1))
     candidates = np.flatnonzero(area >= _MIN_SLICE_BRAIN_AREA * area.max())
-    count = min(count, len(candidates))
+    count = len(candidates) if count is None else min(count, len(candidates))
     positions = (np.arange(count) + 0.5) * len(candidates) / count - 0.5
     return candidates[np.floor(positions + 0.5).astype(int)]
 
@@ -633,7 +634,7 @@ def make_brain_dataset(
             entry = _write_case(grid_dir, f"3d/{name}", label, images, affine, channels, voxel_volume_mm3)
             entries["3d"][split].append({"subject": name, **entry})
             brain = 1.0 - label[..., channels.index("background")]
-            for z in _axial_slices(brain, slices_per_subject):
+            for z in axial_brain_planes(brain, slices_per_subject):
                 slice_affine = affine.copy()
                 slice_affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, z]) + affine[:3, 3]
                 entry = _write_case(
