@@ -9,6 +9,7 @@ import torch
 from medgen_common.compressed_sensing import (
     wavelet_forward,
     wavelet_inverse,
+    wavelet_levels,
     l1_wavelet_reconstruction,
     tune_regularisation,
     tv_reconstruction,
@@ -51,6 +52,13 @@ def test_wavelets_are_orthonormal(wavelet):
     assert details[:12].abs().max() < 1e-6 * polynomial.abs().max()
     with pytest.raises(ValueError, match="divisible"):
         wavelet_forward(image, 6, wavelet)
+
+
+def test_wavelet_levels_fit_the_image():
+    assert wavelet_levels((64, 64)) == 3 and wavelet_levels((16, 16)) == 2 and wavelet_levels((16, 16), "haar") == 3
+    assert wavelet_levels((56, 72)) == 3 and wavelet_levels((20, 32)) == 2 and wavelet_levels((12, 16)) == 1
+    with pytest.raises(ValueError, match="too small"):
+        wavelet_levels((6, 6))
 
 
 def test_tuned_tv_beats_zero_filling():

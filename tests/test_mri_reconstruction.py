@@ -15,9 +15,16 @@ from PIL import Image
 from monai.networks.schedulers import DDPMScheduler
 
 from medgen_common.mri import channels_to_complex, fft2c, make_mask, synthetic_coil_maps
-from medgen_common.mri_reconstruction import load_kspace, mri_report, reconstruct_kspace_files, simulate_measurement
+from medgen_common.mri_reconstruction import (
+    load_complex_images,
+    load_kspace,
+    mri_report,
+    reconstruct_kspace_files,
+    simulate_measurement,
+)
 from medgen_common.runtime import load_trained
 from medgen_common.transforms import RandUndersampled
+from medgen_common.writers import save_nifti
 from medgen_common.posterior_sampling import DiffusionPrior
 from test_posterior_sampling import GaussianOracle
 
@@ -101,6 +108,21 @@ def test_bad_kspace_files_are_refused(tmp_path):
         load_kspace({"kspace": str(tmp_path / "nan.npy")})
     with pytest.raises(ValueError, match=".h5 file or a complex .npy"):
         load_kspace({"kspace": str(tmp_path / "kspace.nii.gz")})
+
+
+def test_images_load_as_complex_or_magnitude_with_unit_peak(tmp_path):
+    complex_image = np.stack([np.full((8, 6), 2.0), np.full((8, 6), -2.0)], -1)[:, :, None]  # H x W x 1 x 2
+    save_nifti(complex_image.astype(np.float32), tmp_path / "complex.nii.gz", channel_first=False)
+    save_nifti(np.full((8, 6, 1), 5.0, np.float32), tmp_path / "magnitude.nii.gz", channel_first=False)
+    save_nifti(np.ones((8, 6, 3), np.float32), tmp_path / "rgb.nii.gz", channel_first=False)
+    save_nifti(np.ones((8, 8, 1), np.float32), tmp_path / "square.nii.gz", channel_first=False)
+    images = load_complex_images([{"image": str(tmp_path / name)} for name in ("complex.nii.gz", "magnitude.nii.gz")])
+    assert images.shape == (2, 8, 6) and torch.allclose(images.abs(), torch.ones(2, 8, 6))
+    assert torch.allclose(images[0].angle(), torch.full((8, 6), -np.pi / 4)) and images[1].imag.abs().max() == 0
+    with pytest.raises(ValueError, match="rgb.nii.gz.*magnitude image"):
+        load_complex_images([{"image": str(tmp_path / "rgb.nii.gz")}])
+    with pytest.raises(ValueError, match="square.nii.gz.*one size"):
+        load_complex_images([{"image": str(tmp_path / name)} for name in ("magnitude.nii.gz", "square.nii.gz")])
 
 
 def test_undersampling_transform_keeps_the_target_and_draws_a_new_mask_each_call():

@@ -17,6 +17,7 @@ __all__ = [
     "wavelet_matrix",
     "wavelet_forward",
     "wavelet_inverse",
+    "wavelet_levels",
     "tv_reconstruction",
     "l1_wavelet_reconstruction",
     "tune_regularisation",
@@ -89,12 +90,23 @@ def _soft_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x * torch.clamp(1.0 - threshold / x.abs().clamp_min(1e-12), min=0.0)
 
 
+def wavelet_levels(shape: Sequence[int], wavelet: str = "db4", most: int = 3) -> int:
+    """The most levels (<= ``most``) :func:`wavelet_forward` accepts for an image of ``shape`` (H, W); >= 1."""
+    height, width = shape
+    for levels in range(most, 0, -1):
+        divisible = not height % 2**levels and not width % 2**levels
+        if divisible and min(height, width) // 2 ** (levels - 1) >= len(WAVELET_FILTERS[wavelet]):
+            return levels
+    raise ValueError(f"image sides {tuple(shape)} are too small or odd for a {wavelet} wavelet level.")
+
+
 def l1_wavelet_reconstruction(operator, measured: torch.Tensor, weight: float, iterations: int = 200,
-                              levels: int = 3, wavelet: str = "db4") -> torch.Tensor:  # fmt: skip
-    """argmin_x 1/2 ||A x - y||^2 + weight ||W x||_1 (detail coefficients of an orthonormal ``wavelet``) by FISTA
-    with step 1, from A^H y."""
+                              levels: int | None = None, wavelet: str = "db4") -> torch.Tensor:  # fmt: skip
+    """argmin_x 1/2 ||A x - y||^2 + weight ||W x||_1 (detail coefficients of an orthonormal ``wavelet``, ``levels``
+    levels, default the most up to 3 that the image size allows) by FISTA with step 1, from A^H y."""
     x = previous = zero_filled(operator, measured)
     height, width = x.shape[-2:]
+    levels = wavelet_levels((height, width), wavelet) if levels is None else levels
     approximation = (slice(None),) * (x.ndim - 2) + (slice(0, height >> levels), slice(0, width >> levels))
     momentum = 1.0
     for _ in range(iterations):

@@ -44,16 +44,33 @@ logger = logging.getLogger(__name__)
 
 
 def load_complex_images(entries: Sequence[Mapping], key: str = "image") -> torch.Tensor:
-    """Complex images ``[B, H, W]`` (complex64) from channel-last NIfTI files holding (real, imaginary)."""
+    """Images ``[B, H, W]`` (complex64) from NIfTI files: complex ones with real and imaginary parts on the last axis
+    (H x W (x 1) x 2), or magnitude ones (H x W (x 1), zero phase); each scaled to a peak magnitude of 1, the scale
+    the prior is trained at and the data range of the PSNR/SSIM scores.
+
+    Raises:
+        ValueError: another layout, NaN/Inf values, an all-zero image, or images of different sizes (the file named).
+    """
     images = []
     for entry in entries:
         array = np.asarray(LoadImage(image_only=True)(entry[key]), dtype=np.float32)
-        if array.shape[-1] != 2:
-            raise ValueError(f"'{entry[key]}' must hold real and imaginary parts on its last axis, got {array.shape}.")
+        squeezed = array.reshape([size for size in array.shape if size != 1])
         if not np.isfinite(array).all():
             raise ValueError(f"'{entry[key]}' holds NaN or Inf values.")
-        array = array.reshape(array.shape[0], array.shape[1], 2)
-        images.append(torch.complex(torch.from_numpy(array[..., 0]), torch.from_numpy(array[..., 1])))
+        if squeezed.ndim == 3 and squeezed.shape[-1] == 2:
+            image = torch.complex(torch.from_numpy(squeezed[..., 0].copy()), torch.from_numpy(squeezed[..., 1].copy()))
+        elif squeezed.ndim == 2:
+            image = torch.from_numpy(squeezed.copy()).to(torch.complex64)
+        else:
+            raise ValueError(f"'{entry[key]}' must be a magnitude image (H x W) or complex (H x W x 2, real and "
+                             f"imaginary last), got shape {array.shape}.")  # fmt: skip
+        peak = float(image.abs().max())
+        if peak == 0:
+            raise ValueError(f"'{entry[key]}' is all zero.")
+        if images and image.shape != images[0].shape:
+            raise ValueError(f"'{entry[key]}' is {tuple(image.shape)}, the first image {tuple(images[0].shape)}: "
+                             "reconstruct images of one size together.")  # fmt: skip
+        images.append(image / peak)
     return torch.stack(images)
 
 

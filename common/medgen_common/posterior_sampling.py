@@ -7,7 +7,8 @@ denoiser and as a VE score, and the solvers that combine it with a measurement o
 - :func:`dds`: Decomposed Diffusion Sampler (Eqs. 7.39-7.40): DDIM steps whose Tweedie estimate is made data
   consistent (the exact projection for single-coil Cartesian data, a few CG steps otherwise).
 - :func:`predictor_corrector`: score-MRI (Algorithm 7.1): reverse-diffusion predictor and Langevin corrector on the
-  VE levels of the prior, each followed by the exact data-consistency projection.
+  VE levels of the prior, each followed by the exact data-consistency projection; per coil with a root-sum-of-squares
+  combination for multi-coil data (Algorithm 7.2).
 - :func:`dps`: diffusion posterior sampling (Eq. 7.33): ancestral steps plus the gradient of ||y - A x0_hat||
   through the network.
 - :func:`mcg`: manifold constrained gradient: the DPS step plus a projection onto the noisy measurement of each
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .mri import channels_to_complex, complex_to_channels, conjugate_gradient
+from .mri import MultiCoilMRI, SingleCoilMRI, channels_to_complex, complex_to_channels, conjugate_gradient, root_sum_of_squares
 
 __all__ = ["DiffusionPrior", "dds", "predictor_corrector", "dps", "mcg", "posterior_statistics"]
 
@@ -138,8 +139,17 @@ def predictor_corrector(
 ) -> torch.Tensor:  # fmt: skip
     """score-MRI (chapter Algorithm 7.1, the book's order: predictor, then corrector), on the VE levels
     sigma_t of ``num_levels`` VP timesteps; ``num_levels * (1 + corrector_steps)`` network evaluations. The
-    operator must have an exact ``project`` (single-coil, or per coil for Algorithm 7.2). Returns the last
-    noise-free mean ``[B, H, W]``."""
+    operator must have an exact ``project`` (single-coil Cartesian); for SENSE data (``MultiCoilMRI``, ``measured``
+    ``[B, C, H, W]``) this is Algorithm 7.2: every coil image is sampled as its own batch item with its own hard
+    data consistency, and the result is their root sum of squares (a magnitude image, zero phase). Returns the
+    last noise-free mean ``[B, H, W]``."""
+    if isinstance(operator, MultiCoilMRI):
+        batch, coils, height, width = measured.shape
+        coil_images = predictor_corrector(
+            prior, SingleCoilMRI(operator.mask), measured.reshape(batch * coils, height, width),
+            (batch * coils, height, width), num_levels, snr, corrector_steps, generator,
+        )  # fmt: skip
+        return root_sum_of_squares(coil_images.reshape(batch, coils, height, width)).to(torch.complex64)
     if not hasattr(operator, "project"):
         raise ValueError("predictor_corrector needs an operator with an exact projection (single-coil Cartesian).")
     timesteps = _timesteps(prior, num_levels)
