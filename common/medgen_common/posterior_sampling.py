@@ -27,7 +27,10 @@ from collections.abc import Callable
 
 import torch
 
-from .mri import MultiCoilMRI, SingleCoilMRI, channels_to_complex, complex_to_channels, conjugate_gradient, root_sum_of_squares
+from .mri import (
+    MultiCoilMRI, SingleCoilMRI, channels_to_complex, complex_to_channels, conjugate_gradient, ifft2c,
+    root_sum_of_squares,
+)  # fmt: skip
 
 __all__ = ["DiffusionPrior", "dds", "predictor_corrector", "dps", "mcg", "posterior_statistics"]
 
@@ -140,15 +143,17 @@ def predictor_corrector(
     """score-MRI (chapter Algorithm 7.1, the book's order: predictor, then corrector), on the VE levels
     sigma_t of ``num_levels`` VP timesteps; ``num_levels * (1 + corrector_steps)`` network evaluations. The
     operator must have an exact ``project`` (single-coil Cartesian); for SENSE data (``MultiCoilMRI``, ``measured``
-    ``[B, C, H, W]``) this is Algorithm 7.2: every coil image is sampled as its own batch item with its own hard
-    data consistency, and the result is their root sum of squares (a magnitude image, zero phase). Returns the
-    last noise-free mean ``[B, H, W]``."""
+    ``[B, C, H, W]``) this is Algorithm 7.2: every coil image, scaled to a zero-filled peak of 1, is sampled as its
+    own batch item with its own hard data consistency, and the result is their root sum of squares (a magnitude
+    image, zero phase). Returns the last noise-free mean ``[B, H, W]``."""
     if isinstance(operator, MultiCoilMRI):
         batch, coils, height, width = measured.shape
+        per_coil = measured.reshape(batch * coils, height, width)
+        peak = ifft2c(per_coil).abs().amax((-2, -1), keepdim=True).clamp_min(1e-12)  # each coil at the prior's scale
         coil_images = predictor_corrector(
-            prior, SingleCoilMRI(operator.mask), measured.reshape(batch * coils, height, width),
-            (batch * coils, height, width), num_levels, snr, corrector_steps, generator,
-        )  # fmt: skip
+            prior, SingleCoilMRI(operator.mask), per_coil / peak, (batch * coils, height, width), num_levels, snr,
+            corrector_steps, generator,
+        ) * peak  # fmt: skip
         return root_sum_of_squares(coil_images.reshape(batch, coils, height, width)).to(torch.complex64)
     if not hasattr(operator, "project"):
         raise ValueError("predictor_corrector needs an operator with an exact projection (single-coil Cartesian).")
