@@ -108,6 +108,13 @@ def test_bad_kspace_files_are_refused(tmp_path):
         load_kspace({"kspace": str(tmp_path / "nan.npy")})
     with pytest.raises(ValueError, match=".h5 file or a complex .npy"):
         load_kspace({"kspace": str(tmp_path / "kspace.nii.gz")})
+    with h5py.File(tmp_path / "mismatch.h5", "w") as file:
+        file["kspace"] = np.ones((1, 8, 8), dtype=np.complex64)
+        file["mask"] = np.ones(6, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"mask of shape \(6,\) does not match k-space of shape \(8, 8\)"):
+        load_kspace({"kspace": str(tmp_path / "mismatch.h5")})
+    with pytest.raises(ValueError, match="slice_index 3 is out of range"):
+        load_kspace({"kspace": str(tmp_path / "mismatch.h5"), "slice_index": 3})
 
 
 def test_images_load_as_complex_or_magnitude_with_unit_peak(tmp_path):

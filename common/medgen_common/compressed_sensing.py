@@ -1,7 +1,7 @@
 """Classical compressed-sensing baselines for undersampled MRI, in torch on the operators of ``medgen_common.mri``:
-zero-filled, total variation (the chapter's "TV") and L1-wavelet (orthonormal Daubechies db4 by default), with the regularisation weight tuned on
-validation slices. Batched over ``[B, H, W]`` complex images; every operator here has norm <= 1 (unitary F, binary
-mask, coil maps with sum |S_k|^2 <= 1), which fixes the step sizes.
+zero-filled, total variation (the chapter's "TV") and L1-wavelet (orthonormal periodic Daubechies db4 by default),
+with the regularisation weight tuned on validation slices. Batched over ``[B, H, W]`` complex images; every operator
+here has norm <= 1 (unitary F, binary mask, coil maps with sum |S_k|^2 <= 1), which fixes the step sizes.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ def load_kspace(entry: Mapping, key: str = "kspace") -> tuple[torch.Tensor, torc
     orthonormal FFT; without a stored mask, the sampled locations are those non-zero in any coil.
 
     Raises:
-        ValueError: an unsupported file type, a wrong number of axes, NaN/Inf values or a slice out of range.
+        ValueError: an unsupported file type, a wrong number of axes, NaN/Inf values, a slice out of range or a
+            mask that does not match the k-space.
     """
     path = str(entry[key])
     stored_mask = None
@@ -187,6 +188,11 @@ def load_kspace(entry: Mapping, key: str = "kspace") -> tuple[torch.Tensor, torc
         raise ValueError(f"'{path}' holds NaN or Inf values.")
     kspace = torch.from_numpy(np.ascontiguousarray(kspace, dtype=np.complex64)).reshape(-1, *kspace.shape[-2:])
     if stored_mask is not None:
+        if stored_mask.shape[-1] != kspace.shape[-1] or stored_mask.ndim > 2 or (
+            stored_mask.ndim == 2 and stored_mask.shape[0] not in (1, kspace.shape[-2])
+        ):
+            raise ValueError(f"'{path}': mask of shape {stored_mask.shape} does not match k-space of shape "
+                             f"{tuple(kspace.shape[-2:])} (a 1D mask over the {kspace.shape[-1]} columns or H x W).")  # fmt: skip
         mask = torch.from_numpy(np.broadcast_to(stored_mask, kspace.shape[-2:]).copy())
     else:
         mask = (kspace.abs() > 0).any(0)
