@@ -300,18 +300,66 @@ def calibration_region(mask: torch.Tensor) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
-    """Coil sensitivities ``[C, H, W]`` from measured multi-coil k-space ``[C, H, W]``: low-resolution coil images
-    from the fully sampled centre (``calibration_region``, Hann-windowed) divided by their root sum of squares,
-    zero where that is below ``threshold`` x its maximum (the ACS-ratio method; ESPIRiT is more robust to
-    field-of-view folding).
-
-    Raises:
-        ValueError: the mask has no fully sampled centre of at least 4 x 4 samples.
-    """
-    rows, cols = calibration_region(mask)
+def _calibration_block(kspace: torch.Tensor, mask: torch.Tensor, largest: int) -> torch.Tensor:
+    """The fully sampled centre of ``kspace [C, H, W]`` (at most ``largest`` samples per side)."""
+    rows, cols = (min(size, largest) for size in calibration_region(mask))
     if min(rows, cols) < 4:
         raise ValueError(f"coil maps need a fully sampled k-space centre of >= 4 x 4 samples; this mask has {rows} x {cols}.")
+    top, left = mask.shape[0] // 2 - rows // 2, mask.shape[1] // 2 - cols // 2
+    return kspace[:, top : top + rows, left : left + cols]
+
+
+def _espirit(calibration: torch.Tensor, shape: tuple[int, int], kernel_width: int, threshold: float, crop: float,
+             iterations: int = 50) -> torch.Tensor:  # fmt: skip
+    """ESPIRiT (Uecker et al. 2014) from a calibration block ``[C, h, w]``: the k-space kernels spanning the row space
+    of the block-Hankel calibration matrix (singular values >= ``threshold`` x the largest), their image-space
+    Gram matrix per pixel, and its leading eigenvector (power iteration), kept where the eigenvalue is > ``crop``."""
+    coils = calibration.shape[0]
+    width = min(kernel_width, *calibration.shape[1:])
+    blocks = calibration.unfold(1, width, 1).unfold(2, width, 1)  # [C, nh, nw, k, k]
+    matrix = blocks.permute(1, 2, 0, 3, 4).reshape(-1, coils * width * width).to(torch.complex128)
+    _, singular, vh = torch.linalg.svd(matrix, full_matrices=False)
+    kernels = vh[singular >= threshold * singular.max()].reshape(-1, coils, width, width)
+    padded = kernels.new_zeros(kernels.shape[0], coils, *shape)
+    top, left = shape[0] // 2 - width // 2, shape[1] // 2 - width // 2
+    padded[..., top : top + width, left : left + width] = kernels
+    image_kernels = ifft2c(padded).permute(2, 3, 1, 0)  # [H, W, C, n]
+    gram = image_kernels @ image_kernels.conj().transpose(-1, -2) * (shape[0] * shape[1] / width**2)  # [H, W, C, C]
+    vectors = torch.ones(*shape, coils, 1, dtype=gram.dtype)
+    for _ in range(iterations):
+        vectors = gram @ vectors
+        eigenvalue = vectors.norm(dim=-2, keepdim=True)
+        vectors = vectors / eigenvalue.clamp_min(1e-30)
+    maps = vectors[..., 0].permute(2, 0, 1)  # [C, H, W]
+    maps = maps * torch.exp(-1j * maps[0].angle())  # phase relative to the first coil
+    return (maps * (eigenvalue[..., 0, 0] > crop)).to(torch.complex64)
+
+
+def estimate_coil_maps(kspace: torch.Tensor, mask: torch.Tensor, method: str = "espirit", kernel_width: int = 6,
+                       calibration_width: int = 24, threshold: float = 0.02, crop: float = 0.95) -> torch.Tensor:  # fmt: skip
+    """Coil sensitivities ``[C, H, W]`` from measured multi-coil k-space ``[C, H, W]`` and its ``mask``, from the fully
+    sampled centre (``calibration_region``, at most ``calibration_width`` per side).
+
+    ``method="espirit"``: ESPIRiT with ``kernel_width`` kernels, singular-value ``threshold`` and eigenvalue ``crop``
+    (sigpy's ``EspiritCalib`` defaults); maps are zero where no eigenvalue exceeds ``crop`` (outside the object's
+    support). It needs a calibration region of at least 2 x ``kernel_width`` per side. ``method="acs_ratio"``:
+    Hann-windowed low-resolution coil images over their root sum of squares, zero where that is below ``threshold``
+    x its maximum; these maps carry the object's low-resolution phase, so the combined image is nearly real. Both
+    give sum_k |S_k|^2 = 1 where non-zero.
+
+    Raises:
+        ValueError: an unknown method, no fully sampled centre of at least 4 x 4 samples, or (``"espirit"``) one
+            too small for ESPIRiT.
+    """
+    if method not in ("espirit", "acs_ratio"):
+        raise ValueError(f"method must be 'espirit' or 'acs_ratio', got {method!r}.")
+    if method == "espirit" and min(calibration_region(mask)) < 2 * kernel_width:
+        raise ValueError(f"ESPIRiT needs a fully sampled centre of >= {2 * kernel_width} samples per side; this mask "
+                         f"has {calibration_region(mask)}: sample more calibration lines or use method='acs_ratio'.")  # fmt: skip
+    if method == "espirit":
+        calibration = _calibration_block(kspace, mask, calibration_width)
+        return _espirit(calibration, tuple(mask.shape), kernel_width, threshold, crop).to(kspace.device)
+    rows, cols = _calibration_block(kspace, mask, max(mask.shape)).shape[-2:]
     window = torch.zeros(mask.shape, dtype=torch.float32)
     top, left = mask.shape[0] // 2 - rows // 2, mask.shape[1] // 2 - cols // 2
     window[top : top + rows, left : left + cols] = torch.outer(torch.hann_window(rows, periodic=False),
