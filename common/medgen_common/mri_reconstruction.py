@@ -219,9 +219,9 @@ def reconstruct_kspace_files(
             operator, measured = SingleCoilMRI(mask), kspace
         else:
             operator, measured = MultiCoilMRI(mask, estimate_coil_maps(kspace, mask, coil_map_method)), kspace[None]
-        scale = float(zero_filled(operator, measured).abs().max().clamp_min(1e-12))
-        recon, std, nfe = _solve(prior, solver, operator, measured / scale, settings, num_posterior_samples, seed)
         aliased = zero_filled(operator, measured).abs()
+        scale = float(aliased.max().clamp_min(1e-12))
+        recon, std, nfe = _solve(prior, solver, operator, measured / scale, settings, num_posterior_samples, seed)
         name = Path(str(entry[key])).name.split(".")[0] + (f"_s{int(entry['slice_index']):03d}" if "slice_index" in entry else "")
         _save_outputs(output_dir, name, {"recon": recon[0] * scale, "zero_filled": aliased[0],
                                          "std": None if std is None else std[0] * scale})  # fmt: skip
