@@ -10,7 +10,6 @@ from monai.losses import FocalLoss
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 
 from medgen_common.engines import (
-    NULL_CONDITION_VALUE,
     AdversarialReferee,
     AutoencoderGanTrainer,
     LatentDiffusionPrepareBatch,
@@ -19,6 +18,7 @@ from medgen_common.engines import (
     compute_latent_scale_factor,
     fit_output_temperature,
 )
+from medgen_common.guidance import NULL_CONTEXT_VALUE
 from medgen_common.losses import RandomFeaturePerceptualLoss, kl_divergence, load_perceptual_loss
 from medgen_common.sampling import (
     LatentDiffusionSampler,
@@ -110,7 +110,7 @@ def test_latent_prepare_batch_encodes_pads_and_drops_conditions():
     assert type(latents) is torch.Tensor  # not a MetaTensor from the pad: that slows every op of the network
     assert torch.equal(latents[:, :, 0], torch.zeros_like(latents[:, :, 0]))  # the padded border is zero
     assert torch.equal(target, kwargs["noise"]) and kwargs["timesteps"].shape == (64,)
-    dropped = (kwargs["condition"] == NULL_CONDITION_VALUE).all(-1).flatten()
+    dropped = (kwargs["condition"] == NULL_CONTEXT_VALUE).all(-1).flatten()
     kept = (kwargs["condition"] == condition).all(-1).flatten()
     assert torch.all(dropped ^ kept)
     assert 15 < int(dropped.sum()) < 49  # Binomial(64, 0.5): outside this range with probability < 1e-3

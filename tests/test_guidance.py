@@ -1,4 +1,4 @@
-"""Classifier-free guidance over channel-concatenated conditions: CSG Eq. 1, the sampler, the training dropout."""
+"""Classifier-free guidance over concatenated and cross-attention conditions: CSG Eq. 1, the sampler, the training dropout."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medgen_common.guidance import (
+    CONCAT,
+    CONTEXT,
+    NULL_CONTEXT_VALUE,
     NULL_IMAGE_CONDITION_VALUE,
-    ConcatGuidance,
+    GuidanceRule,
     classifier_free_guidance,
     double_guidance,
     drop_conditions,
@@ -145,14 +148,14 @@ def test_mismatched_shapes_are_rejected():
     guidance = double_guidance()
     with pytest.raises(ValueError, match="condition 1 must be"):
         guidance(network, latents, 1, [semantic, context[:, :, :3]])
-    with pytest.raises(ValueError, match="condition 0 must be"):
+    with pytest.raises(ValueError, match="condition 0 has batch 1, the latents 2"):
         guidance(network, latents, 1, [semantic[:1], context])
     with pytest.raises(ValueError, match="takes 2 conditions, got 1"):
         guidance(network, latents, 1, [semantic])
     with pytest.raises(ValueError, match="one seed per sample"):
         guided_sample(network, DDIMScheduler(100), guidance, [semantic, context], seeds=[0], latent_channels=1)
     with pytest.raises(ValueError, match="one weight per branch"):
-        ConcatGuidance(branches=((False,), (True,)), weights=(1.0,))
+        GuidanceRule(branches=((False,), (True,)), weights=(1.0,))
     with pytest.raises(ValueError, match="returned batch 2"):
         guidance(lambda x, t: x[:2, :1], latents, 1, [semantic, context])
 
@@ -187,3 +190,43 @@ def test_dropout_rates_are_configurable_and_seeded():
         drop_conditions(semantic, context, 0.5, 0.4, 0.2)
     with pytest.raises(ValueError, match="one batch size"):
         drop_conditions(semantic, context[:3])
+
+
+class ContextRevealingNetwork(nn.Module):
+    """``network(x, t, context)`` with ``x = cat([z, pair])`` and ``context`` ``[B, L, d]``: output
+    ``1 + 10 [context is not the -1 null] + 100 [pair != 0] + 0.01 z``."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts: list[torch.Tensor] = []
+
+    def forward(self, x, timesteps, context=None):
+        self.contexts.append(context.clone())
+        has_text = (context != NULL_CONTEXT_VALUE).flatten(1).any(1).float().view(-1, 1, 1, 1)
+        has_pair = (x[:, 1:2] != 0).flatten(1).any(1).float().view(-1, 1, 1, 1)
+        return 1 + 10 * has_text + 100 * has_pair + 0.01 * x[:, :1]
+
+
+def test_a_context_condition_is_nulled_with_minus_one_and_passed_as_context():
+    network = ContextRevealingNetwork()
+    latents, pair, _ = _inputs(batch_size=2)
+    text = torch.randn(2, 5, 8)
+    guided = double_guidance(3.0, 2.0, kinds=(CONTEXT, CONCAT))(network, latents, 10, [text, pair])
+    # (1 - 3) e(∅, ∅) + (3 - 2) e(text, ∅) + 2 e(text, pair) = -2 * 1 + 11 + 2 * 111
+    torch.testing.assert_close(guided, 231 + 0.01 * latents)
+    (context,) = network.contexts
+    assert context.shape == (6, 5, 8)
+    assert torch.all(context[:2] == NULL_CONTEXT_VALUE) and NULL_CONTEXT_VALUE == -1.0
+    torch.testing.assert_close(context[2:4], text)
+    # text-only guidance with the pair always null: s_C = 0 evaluates two branches
+    network.contexts.clear()
+    text_only = double_guidance(3.0, 0.0, kinds=(CONTEXT, CONCAT))(network, latents, 10, [text, torch.zeros_like(pair)])
+    torch.testing.assert_close(text_only, 31 + 0.01 * latents)  # -2 * 1 + 3 * 11
+    assert network.contexts[0].shape == (4, 5, 8)
+    with pytest.raises(ValueError, match="context condition must be"):
+        double_guidance(kinds=(CONTEXT, CONCAT))(network, latents, 10, [pair, pair])
+    with pytest.raises(ValueError, match="spatial_shape must be given"):
+        guided_sample(network, DDIMScheduler(100), classifier_free_guidance(2.0, CONTEXT), [text], [0, 1], 1)
+    samples = guided_sample(network, DDIMScheduler(100), classifier_free_guidance(2.0, CONTEXT), [text], [0, 1], 1,
+                            num_inference_steps=2, spatial_shape=(4, 4))  # fmt: skip
+    assert samples.latents.shape == (2, 1, 4, 4) and samples.nfe == 2 and samples.branch_evaluations == 4

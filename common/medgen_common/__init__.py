@@ -38,6 +38,8 @@ _SUBMODULES = (
     "segmentation_utility",
     "spade",
     "stylegan",
+    "text",
+    "text_diffusion",
     "transforms",
     "writers",
 )

@@ -26,6 +26,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from .elastography import ColourPrior, crop_boxes, lesion_boxes
+from .guidance import CONTEXT, null_where
 from .losses import (
     feature_matching_loss,
     hinge_discriminator_loss,
@@ -48,11 +49,7 @@ __all__ = [
     "fit_output_temperature",
     "SpadeGanTrainer",
     "BiDiscriminatorPix2PixTrainer",
-    "NULL_CONDITION_VALUE",
 ]
-
-# value filling a dropped (null) condition; MONAI's LatentDiffusionInferer.sample(cfg=...) uses the same default
-NULL_CONDITION_VALUE = -1.0
 
 
 def apply_output_activation(output: torch.Tensor, activation: str | None, temperature: float = 1.0) -> torch.Tensor:
@@ -375,7 +372,8 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
     ``DiffusionInferer`` (target = noise: epsilon prediction).
 
     Condition dropout for classifier-free guidance: each sample's ``batch[condition_name]`` is replaced by
-    ``NULL_CONDITION_VALUE`` with probability ``condition_dropout``.
+    the cross-attention null (``guidance.NULL_CONTEXT_VALUE``, -1, as MONAI's ``cfg`` sampling) with probability
+    ``condition_dropout``.
     """
 
     def __init__(
@@ -410,9 +408,7 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
             condition = batchdata[self.condition_name].to(device, non_blocking=non_blocking).float()
             if self.condition_dropout > 0:
                 dropped = torch.rand(condition.shape[0], device=condition.device) < self.condition_dropout
-                condition = torch.where(
-                    dropped.view(-1, *([1] * (condition.ndim - 1))), torch.full_like(condition, NULL_CONDITION_VALUE), condition
-                )
+                condition = null_where(condition, dropped, CONTEXT)
             infer_kwargs["condition"] = condition
         return latents, noise, (), infer_kwargs
 

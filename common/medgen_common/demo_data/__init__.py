@@ -4,6 +4,7 @@ writes the files and returns the datalist paths (see ``brain.make_brain_dataset`
 from .brain import make_brain_dataset
 from .elastography import make_elastography_dataset
 from .mri import make_mri_dataset
+from .prostate import make_prostate_dataset
 from .ultrasound import make_msk_dataset
 
 GENERATORS = {
@@ -11,5 +12,7 @@ GENERATORS = {
     "msk_ultrasound": make_msk_dataset,
     "elastography": make_elastography_dataset,
     "mri": make_mri_dataset,
+    "prostate": make_prostate_dataset,
 }
-__all__ = ["GENERATORS", "make_brain_dataset", "make_msk_dataset", "make_elastography_dataset", "make_mri_dataset"]
+__all__ = ["GENERATORS", "make_brain_dataset", "make_msk_dataset", "make_elastography_dataset", "make_mri_dataset",
+           "make_prostate_dataset"]
