@@ -40,7 +40,10 @@ _SUBMODULES = (
     "stylegan",
     "text",
     "text_diffusion",
+    "text_evaluation",
+    "text_generation",
     "transforms",
+    "volume_slices",
     "writers",
 )
 _RUNTIME_FUNCTIONS = ("autocast_dtype", "autocast_enabled", "configure_threads", "seed_everything", "select_device")

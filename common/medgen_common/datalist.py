@@ -15,6 +15,7 @@ __all__ = [
     "check_consistent_shapes",
     "check_channel_count",
     "make_style_pairs",
+    "expand_sequences",
 ]
 
 
@@ -193,4 +194,21 @@ def make_style_pairs(
                 {"label": entry["label"], "image": entry[contrast], "style": style, "contrast": index,
                  "subject": entry[subject_key]}
             )  # fmt: skip
+    return items
+
+
+def expand_sequences(entries: Sequence[dict], sequences: Sequence[str], image_key: str = "image") -> list[dict]:
+    """One item per entry and sequence, ``{image_key: entry[sequence], "sequence": index, ...other keys}``, e.g. to
+    train one image autoencoder on every sequence of multi-sequence cases.
+
+    Raises:
+        DatalistError: an entry lacks one of ``sequences``.
+    """
+    items = []
+    for index, entry in enumerate(entries):
+        missing = [s for s in sequences if s not in entry]
+        if missing:
+            raise DatalistError(f"entry {index} misses sequence(s) {missing}; it has {sorted(entry)}.")
+        others = {k: v for k, v in entry.items() if k not in sequences}
+        items += [{**others, image_key: entry[s], "sequence": i} for i, s in enumerate(sequences)]
     return items

@@ -138,9 +138,11 @@ def handlers_for_rank(handlers: list) -> list:
     return [handler for handler in handlers if isinstance(handler, every_rank)]
 
 
-def load_trained(network: torch.nn.Module, path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_trained(
+    network: torch.nn.Module, path: str | os.PathLike, device: torch.device | str = "cpu", frozen: bool = True
+) -> torch.nn.Module:
     """Load a state dict saved by a training workflow into ``network`` (``weights_only=True``); return it frozen
-    in eval mode.
+    in eval mode, or as it was (trainable) with ``frozen=False``, e.g. to fine-tune it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names the workflow's checkpoint file).
@@ -148,4 +150,4 @@ def load_trained(network: torch.nn.Module, path: str | os.PathLike, device: torc
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no trained weights at '{path}'; run the training workflow that writes it first.")
     network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    return network.to(device).eval().requires_grad_(False)
+    return network.to(device).eval().requires_grad_(False) if frozen else network.to(device)

@@ -83,7 +83,8 @@ def make_scheduler(
     clip_sample: bool = False,
     eta: float = 0.0,
 ):
-    """Build a MONAI noise scheduler by name (``"ddpm"``, ``"ddim"``, ``"pndm"``) with one beta schedule, so a model
+    """Build a MONAI noise scheduler by name (``"ddpm"``, ``"ddim"``, ``"pndm"``) with one noise schedule (a beta range,
+    ignored by ``"cosine"``), so a model
     trained with DDPM can be sampled with any of them. ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
     latents are not bounded to [-1, 1], so it defaults to False. ``eta`` is DDIM's noise level (see
     :class:`StochasticDDIMScheduler`); other schedulers reject a non-zero one."""
@@ -91,7 +92,9 @@ def make_scheduler(
 
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS)}.")
-    kwargs = dict(num_train_timesteps=num_train_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end)
+    kwargs = dict(num_train_timesteps=num_train_timesteps, schedule=schedule)
+    if schedule != "cosine":  # the cosine schedule (Nichol & Dhariwal) has no beta range
+        kwargs.update(beta_start=beta_start, beta_end=beta_end)
     kwargs["prediction_type"] = prediction_type
     if name in ("ddpm", "ddim"):
         kwargs["clip_sample"] = clip_sample

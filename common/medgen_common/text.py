@@ -231,6 +231,12 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_length:
             raise ValueError(f"tokens must be [B, L <= {self.max_length}], got {tuple(tokens.shape)}.")
+        vocab_size = self.token_embedding.num_embeddings
+        if tokens.numel() and (int(tokens.max()) >= vocab_size or int(tokens.min()) < 0):
+            raise ValueError(
+                f"token id {int(tokens.max())} is outside the encoder's vocabulary of {vocab_size}: the tokenizer and "
+                "the encoder's vocab_size disagree."
+            )
         hidden = self.token_embedding(tokens) + self.position_embedding[:, : tokens.shape[1]]
         padding = tokens == self.pad_id
         padding[:, 0] = False  # an all-padding row would make attention NaN

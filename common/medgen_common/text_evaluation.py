@@ -1,0 +1,342 @@
+"""Evaluate a text-conditioned generator of multi-sequence slices (prostate_text_ldm ``evaluate``; prostate spec
+section 7.4), with reference classifiers trained on real images:
+
+- :func:`train_classifier` / :func:`classifier_accuracy`: the lesion (2-way) and sequence (3-way) references;
+- :func:`control_accuracy`: do samples follow the prompted lesion label and sequence, per prompt cell;
+- :func:`pairing_check`: DW generated from a case's real T2W against a text-only and a shuffled-T2W control
+  (correlation with the true DW, classifier agreement, lesion localisation);
+- :func:`augmentation_experiment`: a lesion classifier trained on real vs real + synthetic images, several seeds;
+- :func:`export_reader_study`: a blinded, shuffled real/synthetic x lesion/no-lesion set with a separate key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import copy
+import time
+
+import numpy as np
+import torch
+from monai.networks.nets import Classifier
+from torch import nn
+
+from .text_generation import generate, prompt_specs
+from .writers import save_png_grid, write_csv, write_json
+
+__all__ = [
+    "train_classifier",
+    "classifier_accuracy",
+    "control_accuracy",
+    "pairing_check",
+    "augmentation_experiment",
+    "export_reader_study",
+    "text_generator_report",
+]
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500, batch_size: int = 64,
+    learning_rate: float = 2e-3, seed: int = 0, device: torch.device | str = "cpu",
+) -> nn.Module:  # fmt: skip
+    """A small CNN (MONAI ``Classifier``, channels 16/32/64, strides 2) trained with Adam and cross-entropy on
+    ``images`` ``[N, 1, H, W]`` in [0, 1] and integer ``labels`` ``[N]``, with random left-right flips; returned in
+    eval mode. Seeded: equal inputs and seed give equal weights."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need one label per image and at least one image, got {len(images)} images and {len(labels)} labels.")
+    generator = torch.Generator().manual_seed(int(seed))
+    torch.manual_seed(int(seed))
+    network = Classifier(in_shape=tuple(images.shape[1:]), classes=num_classes, channels=(16, 32, 64), strides=(2, 2, 2),
+                         dropout=0.1).to(device)  # fmt: skip
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    images, labels = images.float(), labels.long()
+    network.train()
+    for _ in range(int(steps)):
+        index = torch.randint(len(images), (min(int(batch_size), len(images)),), generator=generator)
+        batch = images[index]
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch).to(device)
+        loss = nn.functional.cross_entropy(network(batch), labels[index].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return network.eval()
+
+
+@torch.no_grad()
+def predict(network: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class per image ``[N]``."""
+    device = next(network.parameters()).device
+    return torch.cat([network(chunk.float().to(device)).argmax(1).cpu() for chunk in images.split(batch_size)])
+
+
+def classifier_accuracy(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predict(network, images) == labels.long()).float().mean())
+
+
+def control_accuracy(
+    sample_fn: Callable[[list[dict]], torch.Tensor],
+    lesion_classifier: nn.Module,
+    sequence_classifier: nn.Module,
+    sequences: Sequence[str],
+    samples_per_prompt: int,
+    seed: int = 0,
+) -> dict:
+    """Lesion and sequence accuracy of samples for every (sequence, lesion) prompt cell.
+
+    ``sample_fn(specs)`` returns images ``[N, 1, H, W]`` for :func:`~medgen_common.text_generation.prompt_specs`
+    entries. Returns ``{"cells": {"<sequence>_<lesion|no_lesion>": {"lesion_accuracy", "sequence_accuracy",
+    "positive_rate"}}, "lesion_accuracy", "sequence_accuracy"}`` (means over cells).
+    """
+    cells, offset = {}, 0
+    for sequence_index, sequence in enumerate(sequences):
+        for lesion in (False, True):
+            specs = prompt_specs(samples_per_prompt, seed + offset, [sequence], float(lesion))
+            offset += samples_per_prompt
+            images = sample_fn(specs)
+            lesion_pred, sequence_pred = predict(lesion_classifier, images), predict(sequence_classifier, images)
+            cells[f"{sequence}_{'lesion' if lesion else 'no_lesion'}"] = {
+                "lesion_accuracy": float((lesion_pred == int(lesion)).float().mean()),
+                "sequence_accuracy": float((sequence_pred == sequence_index).float().mean()),
+                "positive_rate": float(lesion_pred.float().mean()),
+            }
+    return {
+        "cells": cells,
+        "lesion_accuracy": float(np.mean([c["lesion_accuracy"] for c in cells.values()])),
+        "sequence_accuracy": float(np.mean([c["sequence_accuracy"] for c in cells.values()])),
+    }
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+def _localisation_hits(images: torch.Tensor, centres: Sequence, radius_px: float) -> list[bool]:
+    """Whether the brightest pixel of each image lies within ``radius_px`` of its true lesion centre (row, column);
+    cases without a lesion are skipped."""
+    hits = []
+    for image, centre in zip(images, centres):
+        if centre is None:
+            continue
+        flat = int(image[0].argmax())
+        row, column = divmod(flat, image.shape[-1])
+        hits.append(bool(np.hypot(row - centre[0], column - centre[1]) <= radius_px))
+    return hits
+
+
+def pairing_check(
+    sample_fn: Callable[[list[dict], torch.Tensor | None], torch.Tensor],
+    t2w: torch.Tensor,
+    dwi: torch.Tensor,
+    labels: Sequence[int],
+    centres: Sequence,
+    lesion_classifier: nn.Module,
+    seed: int = 0,
+    radius_px: float = 3.0,
+) -> dict:
+    """DW from each case's own T2W (``paired``) against two controls: no image (``text_only``) and another case's T2W
+    (``shuffled``, a fixed derangement), all with the case's DW prompt and seed.
+
+    ``sample_fn(specs, paired_images_or_None)`` returns ``[N, 1, H, W]``; ``t2w``, ``dwi`` ``[N, 1, H, W]`` are the
+    real pairs, ``labels`` their lesion labels and ``centres`` their lesion centres (row, column; None without).
+    Per variant: mean Pearson correlation with the true DW, classifier agreement with the label, and the lesion
+    localisation hit rate (brightest pixel within ``radius_px`` of the true centre, lesion cases only).
+    """
+    n = len(t2w)
+    if n < 2:
+        raise ValueError(f"the pairing check needs at least 2 cases, got {n}.")
+    rng = np.random.default_rng(seed)
+    specs = []
+    for index, label in enumerate(labels):
+        spec = prompt_specs(1, seed + index, ["dwi"], 1.0 if int(label) else 0.0)[0]
+        specs.append(spec)
+    shift = int(rng.integers(1, n))
+    variants = {"paired": t2w, "text_only": None, "shuffled": torch.roll(t2w, shift, 0)}
+    report = {"num_cases": n, "num_lesion_cases": int(sum(c is not None for c in centres)), "radius_px": radius_px}
+    for name, condition in variants.items():
+        images = sample_fn(specs, condition)
+        hits = _localisation_hits(images, centres, radius_px)
+        report[name] = {
+            "correlation": float(_pearson(images, dwi).mean()),
+            "lesion_agreement": float((predict(lesion_classifier, images) == torch.as_tensor(labels).long()).float().mean()),
+            "localisation_hit_rate": float(np.mean(hits)) if hits else None,
+        }
+    report["real_dwi_shuffled_correlation"] = float(_pearson(torch.roll(dwi, shift, 0), dwi).mean())
+    report["paired_beats_controls"] = bool(
+        all(report["paired"]["correlation"] > report[c]["correlation"] for c in ("text_only", "shuffled"))
+        and all((report["paired"]["localisation_hit_rate"] or 0) > (report[c]["localisation_hit_rate"] or 0)
+                for c in ("text_only", "shuffled"))
+    )  # fmt: skip
+    return report
+
+
+def augmentation_experiment(
+    real_images: torch.Tensor, real_labels: torch.Tensor, synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor,
+    test_images: torch.Tensor, test_labels: torch.Tensor, seeds: Sequence[int] = (0, 1, 2), steps: int = 500,
+    device: torch.device | str = "cpu",
+) -> dict:  # fmt: skip
+    """Table 4.3's ML row at demo scale: the lesion classifier trained on real images vs real + synthetic, tested on
+    real held-out images, once per seed; mean and sd of the accuracy per arm (reported as measured)."""
+    arms = {
+        "real": (real_images, real_labels),
+        "real_plus_synthetic": (torch.cat([real_images, synthetic_images]), torch.cat([real_labels, synthetic_labels])),
+    }
+    report = {"num_real": len(real_images), "num_synthetic": len(synthetic_images), "num_test": len(test_images),
+              "seeds": [int(s) for s in seeds]}  # fmt: skip
+    for name, (images, labels) in arms.items():
+        accuracies = [classifier_accuracy(train_classifier(images, labels, 2, steps, seed=int(s), device=device), test_images, test_labels)
+                      for s in seeds]  # fmt: skip
+        report[name] = {"accuracy": accuracies, "mean": float(np.mean(accuracies)), "sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0}
+    return report
+
+
+def export_reader_study(
+    real: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    per_cell: int,
+    output_dir: str | Path,
+    seed: int = 0,
+) -> dict:
+    """A blinded reader set per sequence (Table 4.3): ``per_cell`` images of each of real/synthetic x lesion/no
+    lesion, shuffled, written as ``<sequence>/image_NNN.png`` with no hint of their source; the key
+    (file, sequence, source, lesion) goes to ``reader_study_key.csv`` beside, to be withheld from the reader.
+
+    ``real`` and ``synthetic`` map a sequence name to ``(images [N, 1, H, W] or [N, 2, H, W] for side-by-side pairs,
+    lesion labels [N])``.
+    """
+    output_dir = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    rows, counts = [], {}
+    for sequence in real:
+        items = []
+        for source, pool in (("real", real[sequence]), ("synthetic", synthetic[sequence])):
+            images, labels = pool
+            for lesion in (0, 1):
+                candidates = np.flatnonzero(labels.numpy() == lesion)
+                if len(candidates) < per_cell:
+                    raise ValueError(f"{source} {sequence} has {len(candidates)} images with lesion={lesion}, {per_cell} needed.")
+                items += [(images[i], source, lesion) for i in rng.choice(candidates, per_cell, replace=False)]
+        order = rng.permutation(len(items))
+        for number, index in enumerate(order):
+            image, source, lesion = items[index]
+            name = f"{sequence}/image_{number:03d}.png"
+            tiles = [channel[None] for channel in image]  # a pair is shown side by side
+            save_png_grid(tiles, output_dir / name, value_range=(0.0, 1.0), rotate=False, ncols=len(tiles), upscale=4)
+            rows.append({"file": name, "sequence": sequence, "source": source, "lesion": lesion})
+        counts[sequence] = len(items)
+    write_csv(output_dir / "reader_study_key.csv", ["file", "sequence", "source", "lesion"], rows)
+    return {"images_per_sequence": counts, "key": str(output_dir / "reader_study_key.csv")}
+
+
+def _load_split(entries: Sequence[dict], preprocessing, sequences: Sequence[str], label_key: str) -> dict:
+    """Stack the preprocessed images of every sequence ``[N, 1, H, W]``, the lesion labels and centres."""
+    items = [preprocessing(dict(entry)) for entry in entries]
+    data = {s: torch.stack([torch.as_tensor(item[s]).float() for item in items]) for s in sequences}
+    data["labels"] = torch.as_tensor([int(entry[label_key]) for entry in entries])
+    data["centres"] = [entry.get("lesion_centre") for entry in entries]
+    return data
+
+
+def text_generator_report(
+    sampler,
+    network: nn.Module,
+    tokenizer,
+    training_entries: Sequence[dict],
+    test_entries: Sequence[dict],
+    preprocessing,
+    output_dir: str | Path,
+    sequences: Sequence[str] = ("t2w", "adc", "dwi"),
+    label_key: str = "lesion_present",
+    text_scale: float = 3.0,
+    pair_scale: float = 1.0,
+    samples_per_prompt: int = 64,
+    num_pairing_cases: int = 128,
+    classifier_steps: int = 500,
+    num_real_augmentation: int = 300,
+    num_synthetic: int = 384,
+    augmentation_seeds: Sequence[int] = (0, 1, 2),
+    reader_study_per_cell: int = 8,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Run every check of the module and write ``evaluation.json`` (and the reader study) under ``output_dir``.
+
+    ``preprocessing`` maps a datalist entry to a dict holding each sequence as ``[1, H, W]`` in [0, 1]. The
+    reference classifiers train on every sequence of ``training_entries`` and are scored on ``test_entries``;
+    control accuracy is measured unguided (scale 1) and at ``text_scale``; the pairing check and the synthetic
+    images use ``text_scale`` and ``pair_scale``.
+    """
+    output_dir = Path(output_dir)
+    started = time.time()
+    train, test = (_load_split(e, preprocessing, sequences, label_key) for e in (training_entries, test_entries))
+
+    def pooled(data):
+        images = torch.cat([data[s] for s in sequences])
+        return images, data["labels"].repeat(len(sequences)), torch.arange(len(sequences)).repeat_interleave(len(data["labels"]))
+
+    train_images, train_lesion, train_sequence = pooled(train)
+    test_images, test_lesion, test_sequence = pooled(test)
+    lesion_classifier = train_classifier(train_images, train_lesion, 2, classifier_steps, seed=seed, device=device)
+    sequence_classifier = train_classifier(train_images, train_sequence, len(sequences), classifier_steps, seed=seed, device=device)
+    report: dict = {
+        "reference_classifiers": {
+            "lesion_accuracy_real_test": classifier_accuracy(lesion_classifier, test_images, test_lesion),
+            "lesion_accuracy_real_test_per_sequence": {
+                s: classifier_accuracy(lesion_classifier, test[s], test["labels"]) for s in sequences
+            },
+            "sequence_accuracy_real_test": classifier_accuracy(sequence_classifier, test_images, test_sequence),
+        }
+    }
+
+    def sampler_with(text: float, pair: float):
+        scaled = copy.copy(sampler)
+        scaled.text_scale, scaled.pair_scale = float(text), float(pair)
+        return scaled
+
+    def sample_fn(scaled):
+        return lambda specs, paired=None: generate(scaled, network, tokenizer, specs, batch_size, device, paired)
+
+    guided, unguided = sampler_with(text_scale, pair_scale), sampler_with(1.0, 1.0)
+    report["text_control"] = {
+        "unguided": control_accuracy(sample_fn(unguided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed),
+        f"guided_{text_scale:g}": control_accuracy(sample_fn(guided), lesion_classifier, sequence_classifier, sequences,
+                                                   samples_per_prompt, seed),  # fmt: skip
+        "samples_per_prompt": samples_per_prompt,
+    }
+    if getattr(sampler, "pairing", "none") != "none":
+        n = min(int(num_pairing_cases), len(test["labels"]))
+        report["pairing"] = {
+            "pairing": sampler.pairing, "text_scale": text_scale, "pair_scale": pair_scale,
+            **pairing_check(sample_fn(guided), test["t2w"][:n], test["dwi"][:n], test["labels"][:n].tolist(),
+                            test["centres"][:n], lesion_classifier, seed),
+        }  # fmt: skip
+
+    per_cell = max(1, int(num_synthetic) // (2 * len(sequences)))  # balanced: every sequence, with and without lesion
+    synthetic_specs = [
+        spec
+        for cell, (sequence, lesion) in enumerate((s, lesion) for s in sequences for lesion in (0.0, 1.0))
+        for spec in prompt_specs(per_cell, seed + 10_000 + cell * per_cell, [sequence], lesion)
+    ]
+    synthetic = sample_fn(guided)(synthetic_specs)
+    synthetic_labels = torch.as_tensor([int(spec["lesion"]) for spec in synthetic_specs])
+    real_count = min(int(num_real_augmentation), len(train_images))
+    real_index = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:real_count]
+    report["augmentation"] = augmentation_experiment(
+        train_images[real_index], train_lesion[real_index], synthetic, synthetic_labels, test_images, test_lesion,
+        augmentation_seeds, classifier_steps, device,
+    )  # fmt: skip
+
+    by_sequence = {s: torch.as_tensor([spec["sequence"] == s for spec in synthetic_specs]) for s in sequences}
+    reader_sequences = [s for s in sequences if s != "dwi"] or list(sequences)
+    report["reader_study"] = export_reader_study(
+        {s: (test[s], test["labels"]) for s in reader_sequences},
+        {s: (synthetic[by_sequence[s]], synthetic_labels[by_sequence[s]]) for s in reader_sequences},
+        reader_study_per_cell, output_dir / "reader_study", seed,
+    )  # fmt: skip
+    report["seconds"] = round(time.time() - started, 1)
+    write_json(report, output_dir / "evaluation.json")
+    return report
