@@ -183,3 +183,35 @@ def test_image_code_autoencoder_shapes():
     assert ImageCodeAutoencoder((64, 64), channels=(8, 16, 16, 32)).encode(torch.rand(1, 1, 64, 64)).shape == (1, 128)
     with pytest.raises(ValueError, match="divisible by 8"):
         ImageCodeAutoencoder((36, 32))
+
+
+def test_leading_ddim_spacing_avoids_the_cosine_schedules_singular_last_step():
+    from medgen_common.sampling import make_scheduler
+
+    linspace = make_scheduler("ddim", 1000, "cosine")
+    linspace.set_timesteps(50)
+    assert int(linspace.timesteps[0]) == 999 and float(linspace.alphas_cumprod[999]) < 1e-8  # x0 = (x - eps) / 5e-5
+    leading = make_scheduler("ddim", 1000, "cosine", timestep_spacing="leading")
+    leading.set_timesteps(50)
+    assert leading.timesteps.tolist() == list(range(980, -1, -20)) and float(leading.alphas_cumprod[980]) > 5e-4
+    # a model that predicts the noise with a 5 % error stays bounded with leading spacing and diverges without
+    torch.manual_seed(0)
+    latents = {name: torch.randn(64, 3, 4, 4) for name in ("linspace", "leading")}
+    for name, scheduler in (("linspace", linspace), ("leading", leading)):
+        for t in scheduler.timesteps:
+            latents[name] = scheduler.step(0.95 * latents[name] / (1 - scheduler.alphas_cumprod[t]).sqrt().clamp_min(1), int(t), latents[name])[0]
+    assert latents["leading"].std() < 3 and latents["linspace"].std() > 10 * latents["leading"].std()
+    with pytest.raises(ValueError, match="apply to DDIM only"):
+        make_scheduler("ddpm", 1000, "cosine", timestep_spacing="leading")
+
+
+def test_rand_prompt_sequence_weights():
+    item = {"t2w": torch.zeros(1, 2, 2), "adc": torch.zeros(1, 2, 2), "dwi": torch.zeros(1, 2, 2), "lesion_present": 0}
+    transform = RandPromptd(sequence_weights=[0.2, 0.2, 0.6])
+    transform.set_random_state(0)
+    drawn = np.bincount([transform(item)["sequence"] for _ in range(2000)], minlength=3) / 2000
+    np.testing.assert_allclose(drawn, [0.2, 0.2, 0.6], atol=0.04)
+    only_dwi = RandPromptd(sequence_weights=[0, 0, 1])
+    assert {only_dwi(item)["sequence"] for _ in range(20)} == {2}
+    with pytest.raises(ValueError, match="one non-negative weight per sequence"):
+        RandPromptd(sequence_weights=[1, 1])

@@ -159,7 +159,8 @@ class RandPromptd(Randomizable, MapTransform):
     """Draw one sequence of a multi-sequence case and a prompt for it, as the chapter draws a template per load.
 
     Reads the loaded images ``data[s]`` for each ``s`` in ``sequences`` and ``data[label_key]`` (lesion present,
-    0/1); writes ``image`` (the drawn sequence), ``sequence`` (its index in ``sequences``), ``prompt``
+    0/1); draws a sequence with probabilities ``sequence_weights`` (normalised; uniform by default); writes
+    ``image`` (the drawn sequence), ``sequence`` (its index in ``sequences``), ``prompt``
     (:func:`~medgen_common.text.make_prompt`), and the pair: ``paired_image`` is ``data[pair_source]`` with
     probability ``pair_probability`` when the drawn sequence is ``paired_sequence``, else zeros; ``paired`` says
     which (0/1). Deterministic given ``set_random_state``.
@@ -172,11 +173,16 @@ class RandPromptd(Randomizable, MapTransform):
         paired_sequence: str = "dwi",
         pair_source: str = "t2w",
         pair_probability: float = 0.0,
+        sequence_weights: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         MapTransform.__init__(self, list(sequences), allow_missing_keys)
         if not 0.0 <= pair_probability <= 1.0:
             raise ValueError(f"pair_probability must be in [0, 1], got {pair_probability}.")
+        weights = np.ones(len(sequences)) if sequence_weights is None else np.asarray(sequence_weights, dtype=float)
+        if weights.shape != (len(sequences),) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(f"sequence_weights must give one non-negative weight per sequence {list(sequences)}, got {sequence_weights}.")
+        self.probabilities = weights / weights.sum()
         self.sequences, self.label_key = list(sequences), label_key
         self.paired_sequence, self.pair_source, self.pair_probability = paired_sequence, pair_source, float(pair_probability)
 
@@ -185,7 +191,7 @@ class RandPromptd(Randomizable, MapTransform):
         for key in self.sequences + [self.label_key]:
             if key not in d:
                 raise KeyError(f"RandPromptd needs '{key}' in every item; it has {sorted(d)}.")
-        index = int(self.R.randint(len(self.sequences)))
+        index = int(self.R.choice(len(self.sequences), p=self.probabilities))
         sequence = self.sequences[index]
         d["image"], d["sequence"] = d[sequence], index
         d["prompt"] = make_prompt(self.R, sequence, bool(int(d[self.label_key])))

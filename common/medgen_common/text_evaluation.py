@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import copy
+import logging
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ from torch import nn
 
 from .text_generation import generate, prompt_specs
 from .writers import save_png_grid, write_csv, write_json
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "train_classifier",
@@ -280,6 +283,7 @@ def text_generator_report(
 
     train_images, train_lesion, train_sequence = pooled(train)
     test_images, test_lesion, test_sequence = pooled(test)
+    logger.info("training the reference lesion and sequence classifiers on %d real images", len(train_images))
     lesion_classifier = train_classifier(train_images, train_lesion, 2, classifier_steps, seed=seed, device=device)
     sequence_classifier = train_classifier(train_images, train_sequence, len(sequences), classifier_steps, seed=seed, device=device)
     report: dict = {
@@ -301,6 +305,7 @@ def text_generator_report(
         return lambda specs, paired=None: generate(scaled, network, tokenizer, specs, batch_size, device, paired)
 
     guided, unguided = sampler_with(text_scale, pair_scale), sampler_with(1.0, 1.0)
+    logger.info("text control: %d samples per prompt cell, unguided and at scale %g", samples_per_prompt, text_scale)
     report["text_control"] = {
         "unguided": control_accuracy(sample_fn(unguided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed),
         f"guided_{text_scale:g}": control_accuracy(sample_fn(guided), lesion_classifier, sequence_classifier, sequences,
@@ -309,6 +314,7 @@ def text_generator_report(
     }
     if getattr(sampler, "pairing", "none") != "none":
         n = min(int(num_pairing_cases), len(test["labels"]))
+        logger.info("pairing check on %d test cases (paired, text-only, shuffled T2W)", n)
         report["pairing"] = {
             "pairing": sampler.pairing, "text_scale": text_scale, "pair_scale": pair_scale,
             **pairing_check(sample_fn(guided), test["t2w"][:n], test["dwi"][:n], test["labels"][:n].tolist(),
@@ -321,6 +327,7 @@ def text_generator_report(
         for cell, (sequence, lesion) in enumerate((s, lesion) for s in sequences for lesion in (0.0, 1.0))
         for spec in prompt_specs(per_cell, seed + 10_000 + cell * per_cell, [sequence], lesion)
     ]
+    logger.info("augmentation experiment: %d synthetic images, %d seeds", len(synthetic_specs), len(augmentation_seeds))
     synthetic = sample_fn(guided)(synthetic_specs)
     synthetic_labels = torch.as_tensor([int(spec["lesion"]) for spec in synthetic_specs])
     real_count = min(int(num_real_augmentation), len(train_images))
