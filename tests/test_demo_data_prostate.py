@@ -51,7 +51,11 @@ def test_fixed_window_keeps_tissue_levels_comparable_across_cases():
 def test_files_datalist_and_determinism(dataset, tmp_path):
     out, datalist = dataset
     assert "prostate" in GENERATORS
-    assert {k: len(datalist[k]) for k in ("training", "validation", "test")} == {"training": 15, "validation": 2, "test": 3}
+    assert {k: len(datalist[k]) for k in ("training", "validation", "test")} == {
+        "training": 15,
+        "validation": 2,
+        "test": 3,
+    }
     assert datalist["sequences"] == list(SEQUENCES) and datalist["shape"] == [32, 32, 1]
     entry = datalist["test"][0]
     for key in (*SEQUENCES, "zones", "lesion"):

@@ -57,7 +57,10 @@ def test_training_and_inference_configs_agree():
     for key in ("pairing", "latent_shape", "diffusion_in_channels", "max_prompt_length", "vocab_size", "text_embedding_dim",
                 "num_train_timesteps", "sequences"):  # fmt: skip
         assert train.get_parsed_content(key) == inference.get_parsed_content(key), key
-    assert train.get_parsed_content("train#handlers#0#final_filename") == Path(inference.get_parsed_content("model_file")).name
+    assert (
+        train.get_parsed_content("train#handlers#0#final_filename")
+        == Path(inference.get_parsed_content("model_file")).name
+    )
     # stage B pairs every DW with its T2W; stage A never does
     assert _parser(TRAIN).get_parsed_content("pair_probability") == 0.0
     assert train.get_parsed_content("pair_probability") == 1.0
@@ -74,7 +77,9 @@ def test_prepare_slices_workflow_runs(tmp_path):
     for case in range(2):
         names = {}
         for key in ("t2w", "adc", "dwi", "lesion"):
-            array = np.random.default_rng(case).uniform(0, 1, (16, 16, 12)) if key != "lesion" else np.zeros((16, 16, 12))
+            array = (
+                np.random.default_rng(case).uniform(0, 1, (16, 16, 12)) if key != "lesion" else np.zeros((16, 16, 12))
+            )
             nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), str(tmp_path / f"c{case}_{key}.nii.gz"))
             names[key] = f"c{case}_{key}.nii.gz"
         entries.append(names)

@@ -90,13 +90,22 @@ def test_training_null_equals_the_sampling_null():
 
 @pytest.mark.parametrize("pairing", ["crossattn", "concat"])
 def test_the_pair_reaches_the_unet(pairing):
-    model, autoencoder, encoder, batch = _model(pairing, perturb=True), _autoencoder(), ImageCodeAutoencoder((32, 32)), _batch()
+    model, autoencoder, encoder, batch = (
+        _model(pairing, perturb=True),
+        _autoencoder(),
+        ImageCodeAutoencoder((32, 32)),
+        _batch(),
+    )
     prepare = TextDiffusionPrepareBatch(1000, autoencoder, 1.0, pairing, encoder, 0.0, 0.0, 0.0)
     inferer = TextDiffusionInferer(DDPMScheduler(1000, schedule="cosine", clip_sample=False))
     torch.manual_seed(0)
     latents, _, _, kwargs = prepare({**batch, "paired": torch.ones(4)})
     paired = inferer(latents, model, **kwargs)
-    unpaired = inferer(latents, model, **{k: (torch.zeros_like(v) if k in ("paired_latent", "image_code") else v) for k, v in kwargs.items()})
+    unpaired = inferer(
+        latents,
+        model,
+        **{k: (torch.zeros_like(v) if k in ("paired_latent", "image_code") else v) for k, v in kwargs.items()},
+    )
     assert (paired - unpaired).abs().mean() > 1e-4
 
     sampler = TextLatentSampler(autoencoder, DDIMScheduler(1000, schedule="cosine", clip_sample=False), 3, (3, 8, 8),
@@ -116,7 +125,10 @@ def test_prepare_batch_pairs_only_paired_samples_and_drops_for_guidance():
                                         p_pair_only_dropped=0.0, p_both_dropped=0.0)  # fmt: skip
     latents, noise, _, kwargs = prepare(batch)
     assert latents.shape == noise.shape == kwargs["paired_latent"].shape == (4, 3, 8, 8)
-    assert torch.all(kwargs["paired_latent"][[1, 3]] == 0) and (kwargs["paired_latent"][[0, 2]].abs().sum((1, 2, 3)) > 0).all()
+    assert (
+        torch.all(kwargs["paired_latent"][[1, 3]] == 0)
+        and (kwargs["paired_latent"][[0, 2]].abs().sum((1, 2, 3)) > 0).all()
+    )
     assert kwargs["keep_text"].all()
     # the pair latent is the deterministic posterior mean, as in sampling
     torch.testing.assert_close(kwargs["paired_latent"][0], autoencoder.encode(batch["paired_image"][:1])[0][0] * 0.7)
@@ -124,7 +136,9 @@ def test_prepare_batch_pairs_only_paired_samples_and_drops_for_guidance():
                                            p_pair_only_dropped=0.0, p_both_dropped=1.0)  # fmt: skip
     _, _, _, dropped = everything(batch)
     assert not dropped["keep_text"].any() and torch.all(dropped["paired_latent"] == 0)
-    crossattn = TextDiffusionPrepareBatch(1000, autoencoder, 0.7, "crossattn", ImageCodeAutoencoder((32, 32)), 0.0, 0.0, 0.0)
+    crossattn = TextDiffusionPrepareBatch(
+        1000, autoencoder, 0.7, "crossattn", ImageCodeAutoencoder((32, 32)), 0.0, 0.0, 0.0
+    )
     _, _, _, coded = crossattn(batch)
     assert coded["image_code"].shape == (4, 128) and torch.all(coded["image_code"][[1, 3]] == 0)
     with pytest.raises(ValueError, match="needs the trained image_encoder"):
@@ -166,7 +180,9 @@ def test_rand_prompt_draws_sequences_prompts_and_pairs_reproducibly():
     for output in outputs:
         sequence = ("t2w", "adc", "dwi")[output["sequence"]]
         assert float(output["image"].mean()) == {"t2w": 1.0, "adc": 2.0, "dwi": 3.0}[sequence]
-        assert "lesion" in output["prompt"] and "no lesion" not in output["prompt"] and "without" not in output["prompt"]
+        assert (
+            "lesion" in output["prompt"] and "no lesion" not in output["prompt"] and "without" not in output["prompt"]
+        )
         assert output["paired"] == int(sequence == "dwi")
         assert float(output["paired_image"].mean()) == (1.0 if sequence == "dwi" else 0.0)
     assert {o["sequence"] for o in outputs} == {0, 1, 2}
@@ -199,7 +215,9 @@ def test_leading_ddim_spacing_avoids_the_cosine_schedules_singular_last_step():
     latents = {name: torch.randn(64, 3, 4, 4) for name in ("linspace", "leading")}
     for name, scheduler in (("linspace", linspace), ("leading", leading)):
         for t in scheduler.timesteps:
-            latents[name] = scheduler.step(0.95 * latents[name] / (1 - scheduler.alphas_cumprod[t]).sqrt().clamp_min(1), int(t), latents[name])[0]
+            latents[name] = scheduler.step(
+                0.95 * latents[name] / (1 - scheduler.alphas_cumprod[t]).sqrt().clamp_min(1), int(t), latents[name]
+            )[0]
     assert latents["leading"].std() < 3 and latents["linspace"].std() > 10 * latents["leading"].std()
     with pytest.raises(ValueError, match="apply to DDIM only"):
         make_scheduler("ddpm", 1000, "cosine", timestep_spacing="leading")

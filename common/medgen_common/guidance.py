@@ -79,7 +79,9 @@ class GuidanceRule:
         if self.kinds is None:
             object.__setattr__(self, "kinds", (CONCAT,) * len(self.branches[0]))
         if len(self.kinds) != len(self.branches[0]) or any(kind not in _NULL for kind in self.kinds):
-            raise ValueError(f"kinds must give 'concat' or 'context' for each of the {len(self.branches[0])} conditions, got {self.kinds}.")
+            raise ValueError(
+                f"kinds must give 'concat' or 'context' for each of the {len(self.branches[0])} conditions, got {self.kinds}."
+            )
         if self.kinds.count(CONTEXT) > 1:
             raise ValueError(f"at most one condition can be the cross-attention context, got kinds {self.kinds}.")
 
@@ -92,7 +94,9 @@ class GuidanceRule:
         """Indices of the branches the network evaluates (non-zero weight)."""
         return [index for index, weight in enumerate(self.weights) if weight != 0]
 
-    def network_input(self, latents: torch.Tensor, conditions: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def network_input(
+        self, latents: torch.Tensor, conditions: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stack the active branches along the batch (branch-major: rows ``k*B .. k*B+B-1`` are branch
         ``active_branches[k]``): the network input ``[K * B, C_z + sum C_j, *spatial]`` for ``latents``
         ``[B, C_z, *spatial]`` and the concat conditions, and the context ``[K * B, L, d]`` (None without one)."""
@@ -130,7 +134,9 @@ class GuidanceRule:
         context=...)`` with a context condition, as ``DiffusionModelUNet``."""
         model_input, context = self.network_input(latents, conditions)
         timesteps = torch.full((model_input.shape[0],), int(timestep), device=latents.device, dtype=torch.long)
-        output = network(model_input, timesteps) if context is None else network(model_input, timesteps, context=context)
+        output = (
+            network(model_input, timesteps) if context is None else network(model_input, timesteps, context=context)
+        )
         if output.shape[0] != model_input.shape[0]:
             raise ValueError(
                 f"the network returned batch {output.shape[0]} for an input batch of {model_input.shape[0]}."

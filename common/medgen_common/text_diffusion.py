@@ -73,11 +73,19 @@ class ImageCodeAutoencoder(nn.Module):
         code_dim: length of the code (128 in the chapter).
     """
 
-    def __init__(self, image_size: Sequence[int], channels: Sequence[int] = (16, 32, 32), code_dim: int = 128, in_channels: int = 1):
+    def __init__(
+        self,
+        image_size: Sequence[int],
+        channels: Sequence[int] = (16, 32, 32),
+        code_dim: int = 128,
+        in_channels: int = 1,
+    ):
         super().__init__()
         factor = 2 ** len(channels)
         if any(int(s) % factor for s in image_size):
-            raise ValueError(f"image_size {list(image_size)} must be divisible by {factor} for {len(channels)} down-samplings.")
+            raise ValueError(
+                f"image_size {list(image_size)} must be divisible by {factor} for {len(channels)} down-samplings."
+            )
         self.bottleneck = (int(channels[-1]), *[int(s) // factor for s in image_size])
         down, width = [], in_channels
         for out in channels:
@@ -181,10 +189,16 @@ class RandPromptd(Randomizable, MapTransform):
             raise ValueError(f"pair_probability must be in [0, 1], got {pair_probability}.")
         weights = np.ones(len(sequences)) if sequence_weights is None else np.asarray(sequence_weights, dtype=float)
         if weights.shape != (len(sequences),) or np.any(weights < 0) or weights.sum() <= 0:
-            raise ValueError(f"sequence_weights must give one non-negative weight per sequence {list(sequences)}, got {sequence_weights}.")
+            raise ValueError(
+                f"sequence_weights must give one non-negative weight per sequence {list(sequences)}, got {sequence_weights}."
+            )
         self.probabilities = weights / weights.sum()
         self.sequences, self.label_key = list(sequences), label_key
-        self.paired_sequence, self.pair_source, self.pair_probability = paired_sequence, pair_source, float(pair_probability)
+        self.paired_sequence, self.pair_source, self.pair_probability = (
+            paired_sequence,
+            pair_source,
+            float(pair_probability),
+        )
 
     def __call__(self, data):
         d = dict(data)
@@ -264,7 +278,9 @@ class TextDiffusionPrepareBatch(DiffusionPrepareBatch):
         images = get("image").float()
         self.autoencoder.eval()
         with torch.no_grad():
-            latents = convert_to_tensor(self.autoencoder.encode_stage_2_inputs(images) * self.scale_factor, track_meta=False)
+            latents = convert_to_tensor(
+                self.autoencoder.encode_stage_2_inputs(images) * self.scale_factor, track_meta=False
+            )
         noise, timesteps = self.get_noise(latents), self.get_timesteps(latents)
         text_dropped, pair_dropped = condition_dropout_masks(latents.shape[0], *self.rates, device=latents.device)
         kwargs = {"noise": noise, "timesteps": timesteps, "tokens": get("tokens").long(), "keep_text": ~text_dropped}
@@ -272,7 +288,9 @@ class TextDiffusionPrepareBatch(DiffusionPrepareBatch):
             present = get("paired").bool().flatten() & ~pair_dropped
             paired_images = get("paired_image").float()
             if self.pairing == "concat":
-                kwargs["paired_latent"] = null_where(paired_latent(self.autoencoder, paired_images, self.scale_factor), ~present, CONCAT)
+                kwargs["paired_latent"] = null_where(
+                    paired_latent(self.autoencoder, paired_images, self.scale_factor), ~present, CONCAT
+                )
             else:
                 self.image_encoder.eval()
                 with torch.no_grad():
@@ -349,13 +367,24 @@ class TextLatentSampler(Inferer):
         if self.pairing == "concat":
             pair = (paired_latent(self.autoencoder, paired_image, self.scale_factor) if paired_image is not None
                     else torch.zeros(tokens.shape[0], *self.latent_shape, device=device))  # fmt: skip
-            rule = double_guidance(self.text_scale, self.pair_scale if paired_image is not None else 0.0, kinds=(CONTEXT, CONCAT))
+            rule = double_guidance(
+                self.text_scale, self.pair_scale if paired_image is not None else 0.0, kinds=(CONTEXT, CONCAT)
+            )
             conditions = [context, pair]
         else:
             rule, conditions = classifier_free_guidance(self.text_scale, CONTEXT), [context]
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=autocast_enabled(device, self.amp)):
-            result = guided_sample(network, self.scheduler, rule, conditions, seeds, self.latent_shape[0],
-                                   self.num_inference_steps, verbose=self.verbose, spatial_shape=self.latent_shape[1:])  # fmt: skip
+            result = guided_sample(
+                network,
+                self.scheduler,
+                rule,
+                conditions,
+                seeds,
+                self.latent_shape[0],
+                self.num_inference_steps,
+                verbose=self.verbose,
+                spatial_shape=self.latent_shape[1:],
+            )
             decoded = self.autoencoder.decode_stage_2_outputs(result.latents / self.scale_factor)
         self.last_nfe = result.nfe
         names = [f"{self.name_prefix}_{int(s):06d}" for s in seeds]

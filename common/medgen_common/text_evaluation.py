@@ -40,18 +40,27 @@ __all__ = [
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500, batch_size: int = 64,
-    learning_rate: float = 2e-3, seed: int = 0, device: torch.device | str = "cpu",
-) -> nn.Module:  # fmt: skip
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int = 500,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
     """A small CNN (MONAI ``Classifier``, channels 16/32/64, strides 2) trained with Adam and cross-entropy on
     ``images`` ``[N, 1, H, W]`` in [0, 1] and integer ``labels`` ``[N]``, with random left-right flips; returned in
     eval mode. Seeded: equal inputs and seed give equal weights."""
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need one label per image and at least one image, got {len(images)} images and {len(labels)} labels.")
+        raise ValueError(
+            f"need one label per image and at least one image, got {len(images)} images and {len(labels)} labels."
+        )
     generator = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))
-    network = Classifier(in_shape=tuple(images.shape[1:]), classes=num_classes, channels=(16, 32, 64), strides=(2, 2, 2),
-                         dropout=0.1).to(device)  # fmt: skip
+    network = Classifier(
+        in_shape=tuple(images.shape[1:]), classes=num_classes, channels=(16, 32, 64), strides=(2, 2, 2), dropout=0.1
+    ).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
     images, labels = images.float(), labels.long()
     network.train()
@@ -164,35 +173,57 @@ def pairing_check(
         hits = _localisation_hits(images, centres, radius_px)
         report[name] = {
             "correlation": float(_pearson(images, dwi).mean()),
-            "lesion_agreement": float((predict(lesion_classifier, images) == torch.as_tensor(labels).long()).float().mean()),
+            "lesion_agreement": float(
+                (predict(lesion_classifier, images) == torch.as_tensor(labels).long()).float().mean()
+            ),
             "localisation_hit_rate": float(np.mean(hits)) if hits else None,
         }
     report["real_dwi_shuffled_correlation"] = float(_pearson(torch.roll(dwi, shift, 0), dwi).mean())
     report["paired_beats_controls"] = bool(
         all(report["paired"]["correlation"] > report[c]["correlation"] for c in ("text_only", "shuffled"))
-        and all((report["paired"]["localisation_hit_rate"] or 0) > (report[c]["localisation_hit_rate"] or 0)
-                for c in ("text_only", "shuffled"))
-    )  # fmt: skip
+        and all(
+            (report["paired"]["localisation_hit_rate"] or 0) > (report[c]["localisation_hit_rate"] or 0)
+            for c in ("text_only", "shuffled")
+        )
+    )
     return report
 
 
 def augmentation_experiment(
-    real_images: torch.Tensor, real_labels: torch.Tensor, synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor,
-    test_images: torch.Tensor, test_labels: torch.Tensor, seeds: Sequence[int] = (0, 1, 2), steps: int = 500,
+    real_images: torch.Tensor,
+    real_labels: torch.Tensor,
+    synthetic_images: torch.Tensor,
+    synthetic_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 500,
     device: torch.device | str = "cpu",
-) -> dict:  # fmt: skip
+) -> dict:
     """Table 4.3's ML row at demo scale: the lesion classifier trained on real images vs real + synthetic, tested on
     real held-out images, once per seed; mean and sd of the accuracy per arm (reported as measured)."""
     arms = {
         "real": (real_images, real_labels),
         "real_plus_synthetic": (torch.cat([real_images, synthetic_images]), torch.cat([real_labels, synthetic_labels])),
     }
-    report = {"num_real": len(real_images), "num_synthetic": len(synthetic_images), "num_test": len(test_images),
-              "seeds": [int(s) for s in seeds]}  # fmt: skip
+    report = {
+        "num_real": len(real_images),
+        "num_synthetic": len(synthetic_images),
+        "num_test": len(test_images),
+        "seeds": [int(s) for s in seeds],
+    }
     for name, (images, labels) in arms.items():
-        accuracies = [classifier_accuracy(train_classifier(images, labels, 2, steps, seed=int(s), device=device), test_images, test_labels)
-                      for s in seeds]  # fmt: skip
-        report[name] = {"accuracy": accuracies, "mean": float(np.mean(accuracies)), "sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0}
+        accuracies = [
+            classifier_accuracy(
+                train_classifier(images, labels, 2, steps, seed=int(s), device=device), test_images, test_labels
+            )
+            for s in seeds
+        ]
+        report[name] = {
+            "accuracy": accuracies,
+            "mean": float(np.mean(accuracies)),
+            "sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+        }
     return report
 
 
@@ -220,7 +251,9 @@ def export_reader_study(
             for lesion in (0, 1):
                 candidates = np.flatnonzero(labels.numpy() == lesion)
                 if len(candidates) < per_cell:
-                    raise ValueError(f"{source} {sequence} has {len(candidates)} images with lesion={lesion}, {per_cell} needed.")
+                    raise ValueError(
+                        f"{source} {sequence} has {len(candidates)} images with lesion={lesion}, {per_cell} needed."
+                    )
                 items += [(images[i], source, lesion) for i in rng.choice(candidates, per_cell, replace=False)]
         order = rng.permutation(len(items))
         for number, index in enumerate(order):
@@ -279,13 +312,19 @@ def text_generator_report(
 
     def pooled(data):
         images = torch.cat([data[s] for s in sequences])
-        return images, data["labels"].repeat(len(sequences)), torch.arange(len(sequences)).repeat_interleave(len(data["labels"]))
+        return (
+            images,
+            data["labels"].repeat(len(sequences)),
+            torch.arange(len(sequences)).repeat_interleave(len(data["labels"])),
+        )
 
     train_images, train_lesion, train_sequence = pooled(train)
     test_images, test_lesion, test_sequence = pooled(test)
     logger.info("training the reference lesion and sequence classifiers on %d real images", len(train_images))
     lesion_classifier = train_classifier(train_images, train_lesion, 2, classifier_steps, seed=seed, device=device)
-    sequence_classifier = train_classifier(train_images, train_sequence, len(sequences), classifier_steps, seed=seed, device=device)
+    sequence_classifier = train_classifier(
+        train_images, train_sequence, len(sequences), classifier_steps, seed=seed, device=device
+    )
     report: dict = {
         "reference_classifiers": {
             "lesion_accuracy_real_test": classifier_accuracy(lesion_classifier, test_images, test_lesion),
@@ -307,19 +346,31 @@ def text_generator_report(
     guided, unguided = sampler_with(text_scale, pair_scale), sampler_with(1.0, 1.0)
     logger.info("text control: %d samples per prompt cell, unguided and at scale %g", samples_per_prompt, text_scale)
     report["text_control"] = {
-        "unguided": control_accuracy(sample_fn(unguided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed),
-        f"guided_{text_scale:g}": control_accuracy(sample_fn(guided), lesion_classifier, sequence_classifier, sequences,
-                                                   samples_per_prompt, seed),  # fmt: skip
+        "unguided": control_accuracy(
+            sample_fn(unguided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed
+        ),
+        f"guided_{text_scale:g}": control_accuracy(
+            sample_fn(guided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed
+        ),
         "samples_per_prompt": samples_per_prompt,
     }
     if getattr(sampler, "pairing", "none") != "none":
         n = min(int(num_pairing_cases), len(test["labels"]))
         logger.info("pairing check on %d test cases (paired, text-only, shuffled T2W)", n)
         report["pairing"] = {
-            "pairing": sampler.pairing, "text_scale": text_scale, "pair_scale": pair_scale,
-            **pairing_check(sample_fn(guided), test["t2w"][:n], test["dwi"][:n], test["labels"][:n].tolist(),
-                            test["centres"][:n], lesion_classifier, seed),
-        }  # fmt: skip
+            "pairing": sampler.pairing,
+            "text_scale": text_scale,
+            "pair_scale": pair_scale,
+            **pairing_check(
+                sample_fn(guided),
+                test["t2w"][:n],
+                test["dwi"][:n],
+                test["labels"][:n].tolist(),
+                test["centres"][:n],
+                lesion_classifier,
+                seed,
+            ),
+        }
 
     per_cell = max(1, int(num_synthetic) // (2 * len(sequences)))  # balanced: every sequence, with and without lesion
     synthetic_specs = [
@@ -333,17 +384,26 @@ def text_generator_report(
     real_count = min(int(num_real_augmentation), len(train_images))
     real_index = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:real_count]
     report["augmentation"] = augmentation_experiment(
-        train_images[real_index], train_lesion[real_index], synthetic, synthetic_labels, test_images, test_lesion,
-        augmentation_seeds, classifier_steps, device,
-    )  # fmt: skip
+        train_images[real_index],
+        train_lesion[real_index],
+        synthetic,
+        synthetic_labels,
+        test_images,
+        test_lesion,
+        augmentation_seeds,
+        classifier_steps,
+        device,
+    )
 
     by_sequence = {s: torch.as_tensor([spec["sequence"] == s for spec in synthetic_specs]) for s in sequences}
     reader_sequences = [s for s in sequences if s != "dwi"] or list(sequences)
     report["reader_study"] = export_reader_study(
         {s: (test[s], test["labels"]) for s in reader_sequences},
         {s: (synthetic[by_sequence[s]], synthetic_labels[by_sequence[s]]) for s in reader_sequences},
-        reader_study_per_cell, output_dir / "reader_study", seed,
-    )  # fmt: skip
+        reader_study_per_cell,
+        output_dir / "reader_study",
+        seed,
+    )
     report["seconds"] = round(time.time() - started, 1)
     write_json(report, output_dir / "evaluation.json")
     return report

@@ -132,12 +132,17 @@ def run_generation(
         sources = [s["entry"]["t2w"] for s in specs]
     elif mode == "pair":
         if prompts:
-            raise ValueError("the pair mode draws its own T2W and DW prompts (set lesion_probability); give no prompts.")
+            raise ValueError(
+                "the pair mode draws its own T2W and DW prompts (set lesion_probability); give no prompts."
+            )
         t2w_specs = prompt_specs(num_samples, seed, ["t2w"], lesion_probability)
         t2w = generate(sampler, network, tokenizer, t2w_specs, batch_size, device)
         rng = np.random.default_rng(seed + 1)
         dwi_specs = [{**s, "prompt": make_prompt(rng, "dwi", s["lesion"]), "sequence": "dwi"} for s in t2w_specs]
-        results = [(t2w_specs, t2w), (dwi_specs, generate(sampler, network, tokenizer, dwi_specs, batch_size, device, t2w))]
+        results = [
+            (t2w_specs, t2w),
+            (dwi_specs, generate(sampler, network, tokenizer, dwi_specs, batch_size, device, t2w)),
+        ]
         sources = [""] * num_samples
     else:
         specs = prompt_specs(num_samples, seed, sequences, lesion_probability, prompts)
@@ -155,5 +160,7 @@ def run_generation(
                          "source_image": source})  # fmt: skip
         previews += list(images[:16])
     save_png_grid(previews, output_dir / "samples.png", value_range=(0.0, 1.0), rotate=False, ncols=8)
-    write_csv(output_dir / "prompts.csv", ["name", "seed", "mode", "sequence", "lesion", "prompt", "source_image"], rows)
+    write_csv(
+        output_dir / "prompts.csv", ["name", "seed", "mode", "sequence", "lesion", "prompt", "source_image"], rows
+    )
     return paths

@@ -73,14 +73,21 @@ def extract_central_slices(
                 volumes[key] = ResampleToMatch(mode=mode)(loader(entry[key]), target)
             depth = target.shape[-1]
             if depth < num_central_slices:
-                raise ValueError(f"case '{case}' has {depth} slices in '{entry[reference]}', fewer than num_central_slices={num_central_slices}.")
+                raise ValueError(
+                    f"case '{case}' has {depth} slices in '{entry[reference]}', fewer than num_central_slices={num_central_slices}."
+                )
             start = (depth - num_central_slices) // 2
-            images = {s: _window(convert_to_tensor(volumes[s], track_meta=False).float(), *percentiles) for s in sequences}
+            images = {
+                s: _window(convert_to_tensor(volumes[s], track_meta=False).float(), *percentiles) for s in sequences
+            }
             mask = np.asarray(volumes[mask_key])[0] > 0
             affine = np.asarray(target.affine, dtype=float)
             for z in range(start, start + num_central_slices):
                 item = {"case": case, "slice": z}
-                for key, array in [*((s, images[s][0, ..., z].numpy()) for s in sequences), (mask_key, mask[..., z].astype(np.uint8))]:
+                for key, array in [
+                    *((s, images[s][0, ..., z].numpy()) for s in sequences),
+                    (mask_key, mask[..., z].astype(np.uint8)),
+                ]:
                     name = f"2d/{case}_z{z:03d}_{key}.nii.gz"
                     slice_affine = affine.copy()
                     slice_affine[:3, 3] = affine[:3, :3] @ np.array([0, 0, z]) + affine[:3, 3]
@@ -88,7 +95,9 @@ def extract_central_slices(
                     item[key] = name
                 present = bool(mask[..., z].any())
                 item["lesion_present"] = int(present)
-                item["lesion_centre"] = [round(float(c), 3) for c in ndimage.center_of_mass(mask[..., z])] if present else None
+                item["lesion_centre"] = (
+                    [round(float(c), 3) for c in ndimage.center_of_mass(mask[..., z])] if present else None
+                )
                 items.append(item)
         content[split] = items
     if not content:

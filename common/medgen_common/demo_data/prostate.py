@@ -122,8 +122,13 @@ def simulate_case(seed: int, index: int, size: int = 32) -> ProstateCase:
         candidates = np.argwhere(pz if rng.random() < 0.7 else gland)
         row, column = candidates[rng.integers(len(candidates))]
         radius = rng.uniform(0.12, 0.18)
-        lesion = gland & _ellipse(x, y, (x[row, column], y[row, column]),
-                                  (radius * rng.uniform(0.8, 1.2), radius * rng.uniform(0.8, 1.2)), rng.uniform(0, math.pi))  # fmt: skip
+        lesion = gland & _ellipse(
+            x,
+            y,
+            (x[row, column], y[row, column]),
+            (radius * rng.uniform(0.8, 1.2), radius * rng.uniform(0.8, 1.2)),
+            rng.uniform(0, math.pi),
+        )
 
     labels = np.zeros(gland.shape, dtype=np.int64)  # index into _TISSUES
     for value, mask in ((1, body), (2, tz), (3, pz), (4, rectum), (5, lesion)):
@@ -190,9 +195,13 @@ def make_prostate_dataset(
             entry = {}
             for key, array in arrays.items():
                 entry[key] = f"2d/{name}_{key}.nii.gz"
-                save_nifti(array[..., None], grid_dir / entry[key], affine, channel_first=False, compresslevel=_GZIP_LEVEL)
+                save_nifti(
+                    array[..., None], grid_dir / entry[key], affine, channel_first=False, compresslevel=_GZIP_LEVEL
+                )
             centre = [round(c, 3) for c in case.lesion_centre] if case.lesion_centre is not None else None
-            entries[split].append({**entry, "case": name, "lesion_present": int(case.lesion_present), "lesion_centre": centre})
+            entries[split].append(
+                {**entry, "case": name, "lesion_present": int(case.lesion_present), "lesion_centre": centre}
+            )
         content = {
             **entries,
             "sequences": list(SEQUENCES),
