@@ -23,7 +23,7 @@ import torch
 from monai.networks.nets import Classifier
 from torch import nn
 
-from .text_generation import generate, prompt_specs
+from .text_generation import follow_up_specs, generate, prompt_specs
 from .writers import save_png_grid, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -397,12 +397,25 @@ def text_generator_report(
 
     by_sequence = {s: torch.as_tensor([spec["sequence"] == s for spec in synthetic_specs]) for s in sequences}
     reader_sequences = [s for s in sequences if s != "dwi"] or list(sequences)
+    real_sets = {s: (test[s], test["labels"]) for s in reader_sequences}
+    synthetic_sets = {s: (synthetic[by_sequence[s]], synthetic_labels[by_sequence[s]]) for s in reader_sequences}
+    if getattr(sampler, "pairing", "none") != "none" and {"t2w", "dwi"} <= set(sequences):
+        # the paired study (Table 4.3, third block): T2W and DW side by side, synthetic DW made from a synthetic T2W
+        logger.info("synthetic T2W-DW pairs for the paired reader study")
+        pair_specs = [
+            spec
+            for lesion in (0.0, 1.0)
+            for spec in prompt_specs(reader_study_per_cell, seed + 20_000 + int(lesion) * 1000, ["t2w"], lesion)
+        ]
+        synthetic_t2w = sample_fn(guided)(pair_specs)
+        synthetic_dwi = sample_fn(guided)(follow_up_specs(pair_specs, "dwi", seed + 30_000), synthetic_t2w)
+        real_sets["t2w_dwi"] = (torch.cat([test["t2w"], test["dwi"]], 1), test["labels"])
+        synthetic_sets["t2w_dwi"] = (
+            torch.cat([synthetic_t2w, synthetic_dwi], 1),
+            torch.as_tensor([int(spec["lesion"]) for spec in pair_specs]),
+        )
     report["reader_study"] = export_reader_study(
-        {s: (test[s], test["labels"]) for s in reader_sequences},
-        {s: (synthetic[by_sequence[s]], synthetic_labels[by_sequence[s]]) for s in reader_sequences},
-        reader_study_per_cell,
-        output_dir / "reader_study",
-        seed,
+        real_sets, synthetic_sets, reader_study_per_cell, output_dir / "reader_study", seed
     )
     report["seconds"] = round(time.time() - started, 1)
     write_json(report, output_dir / "evaluation.json")

@@ -22,7 +22,7 @@ from torch import nn
 from .text import make_prompt
 from .writers import save_nifti, save_png_grid, write_csv
 
-__all__ = ["MODES", "prompt_specs", "paired_specs", "generate", "run_generation"]
+__all__ = ["MODES", "prompt_specs", "paired_specs", "follow_up_specs", "generate", "run_generation"]
 
 MODES = ("text", "paired", "pair")
 
@@ -72,6 +72,13 @@ def paired_specs(entries: Sequence[dict], num_samples: int, seed: int = 0, label
         specs.append({"seed": int(seed) + index, "prompt": make_prompt(rng, target_sequence, lesion),
                       "sequence": target_sequence, "lesion": lesion, "entry": entry})  # fmt: skip
     return specs
+
+
+def follow_up_specs(specs: Sequence[dict], sequence: str, seed: int) -> list[dict]:
+    """The second image of synthetic pairs: each spec's seed and lesion label with a new ``sequence`` prompt drawn
+    from ``numpy.random.default_rng(seed)`` (e.g. the DW prompt for a synthetic T2W)."""
+    rng = np.random.default_rng(seed)
+    return [{**spec, "prompt": make_prompt(rng, sequence, spec["lesion"]), "sequence": sequence} for spec in specs]
 
 
 @torch.no_grad()
@@ -137,8 +144,7 @@ def run_generation(
             )
         t2w_specs = prompt_specs(num_samples, seed, ["t2w"], lesion_probability)
         t2w = generate(sampler, network, tokenizer, t2w_specs, batch_size, device)
-        rng = np.random.default_rng(seed + 1)
-        dwi_specs = [{**s, "prompt": make_prompt(rng, "dwi", s["lesion"]), "sequence": "dwi"} for s in t2w_specs]
+        dwi_specs = follow_up_specs(t2w_specs, "dwi", seed + 1)
         results = [
             (t2w_specs, t2w),
             (dwi_specs, generate(sampler, network, tokenizer, dwi_specs, batch_size, device, t2w)),
