@@ -354,8 +354,10 @@ def text_generator_report(
         ),
         "samples_per_prompt": samples_per_prompt,
     }
-    if getattr(sampler, "pairing", "none") != "none":
-        n = min(int(num_pairing_cases), len(test["labels"]))
+    n = min(int(num_pairing_cases), len(test["labels"]))
+    if getattr(sampler, "pairing", "none") != "none" and n < 2:
+        report["pairing"] = {"skipped": f"the pairing check needs at least 2 test cases; the test split has {n}"}
+    elif getattr(sampler, "pairing", "none") != "none":
         logger.info("pairing check on %d test cases (paired, text-only, shuffled T2W)", n)
         report["pairing"] = {
             "pairing": sampler.pairing,
@@ -414,9 +416,16 @@ def text_generator_report(
             torch.cat([synthetic_t2w, synthetic_dwi], 1),
             torch.as_tensor([int(spec["lesion"]) for spec in pair_specs]),
         )
-    report["reader_study"] = export_reader_study(
-        real_sets, synthetic_sets, reader_study_per_cell, output_dir / "reader_study", seed
-    )
+    available = min(int((pool[1] == lesion).sum()) for sets in (real_sets, synthetic_sets) for pool in sets.values()
+                    for lesion in (0, 1))  # fmt: skip
+    if available == 0:
+        report["reader_study"] = {"skipped": "every real/synthetic x lesion/no-lesion cell needs an image"}
+    else:  # a small test split gives fewer images per cell than asked
+        per_cell = min(int(reader_study_per_cell), available)
+        report["reader_study"] = {
+            "images_per_cell": per_cell,
+            **export_reader_study(real_sets, synthetic_sets, per_cell, output_dir / "reader_study", seed),
+        }
     report["seconds"] = round(time.time() - started, 1)
     write_json(report, output_dir / "evaluation.json")
     return report
