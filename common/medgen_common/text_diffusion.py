@@ -93,7 +93,7 @@ class ImageCodeAutoencoder(nn.Module):
             width = out
         self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(int(np.prod(self.bottleneck)), code_dim))
         up = []
-        for out in list(channels[-2::-1]) + [16]:
+        for out in [*channels[-2::-1], channels[0]]:  # mirrored widths back to the first
             up += [nn.ConvTranspose2d(width, out, 4, stride=2, padding=1), nn.SiLU()]
             width = out
         self.decoder_input = nn.Linear(code_dim, int(np.prod(self.bottleneck)))
