@@ -39,7 +39,6 @@ from .guidance import (
     null_where,
 )
 from .runtime import autocast_dtype, autocast_enabled
-from .sampling import named_batch
 from .text import make_prompt
 
 __all__ = [
@@ -283,19 +282,24 @@ class TextDiffusionPrepareBatch(DiffusionPrepareBatch):
             )
         noise, timesteps = self.get_noise(latents), self.get_timesteps(latents)
         text_dropped, pair_dropped = condition_dropout_masks(latents.shape[0], *self.rates, device=latents.device)
-        kwargs = {"noise": noise, "timesteps": timesteps, "tokens": get("tokens").long(), "keep_text": ~text_dropped}
+        infer_kwargs = {
+            "noise": noise,
+            "timesteps": timesteps,
+            "tokens": get("tokens").long(),
+            "keep_text": ~text_dropped,
+        }
         if self.pairing != "none":
             present = get("paired").bool().flatten() & ~pair_dropped
             paired_images = get("paired_image").float()
             if self.pairing == "concat":
-                kwargs["paired_latent"] = null_where(
+                infer_kwargs["paired_latent"] = null_where(
                     paired_latent(self.autoencoder, paired_images, self.scale_factor), ~present, CONCAT
                 )
             else:
                 self.image_encoder.eval()
                 with torch.no_grad():
-                    kwargs["image_code"] = null_where(self.image_encoder.encode(paired_images), ~present, CONCAT)
-        return latents, noise, (), kwargs
+                    infer_kwargs["image_code"] = null_where(self.image_encoder.encode(paired_images), ~present, CONCAT)
+        return latents, noise, (), infer_kwargs
 
 
 class TextDiffusionInferer(Inferer):
@@ -314,8 +318,8 @@ class TextDiffusionInferer(Inferer):
 
 
 class TextLatentSampler(Inferer):
-    """Sample images from prompts (and paired images) with guidance; returns decoded ``[B, 1, H, W]`` in [0, 1] as a
-    ``MetaTensor`` batch named ``<name_prefix>_<seed>``. ``last_nfe`` holds the network calls of the last batch.
+    """Sample images from prompts (and paired images) with guidance; returns decoded ``[B, 1, H, W]`` in [0, 1].
+    ``last_nfe`` holds the network calls of the last batch.
 
     Guidance: ``double_guidance(text_scale, pair_scale)`` over (context, concat pair) for concat pairing, where a
     batch without paired images uses ``pair_scale`` 0 (text guidance only, the pair null); otherwise classifier-free
@@ -339,8 +343,6 @@ class TextLatentSampler(Inferer):
         image_encoder: nn.Module | None = None,
         text_scale: float = 3.0,
         pair_scale: float = 1.0,
-        spacing: Sequence[float] | None = None,
-        name_prefix: str = "sample",
         amp: bool = True,
         verbose: bool = False,
     ):
@@ -349,7 +351,7 @@ class TextLatentSampler(Inferer):
         self.num_inference_steps, self.latent_shape = int(num_inference_steps), [int(s) for s in latent_shape]
         self.scale_factor, self.pairing = float(scale_factor), _check_pairing(pairing)
         self.text_scale, self.pair_scale = float(text_scale), float(pair_scale)
-        self.spacing, self.name_prefix, self.amp, self.verbose = spacing, name_prefix, amp, verbose
+        self.amp, self.verbose = amp, verbose
         self.last_nfe = 0
 
     @torch.no_grad()
@@ -387,5 +389,4 @@ class TextLatentSampler(Inferer):
             )
             decoded = self.autoencoder.decode_stage_2_outputs(result.latents / self.scale_factor)
         self.last_nfe = result.nfe
-        names = [f"{self.name_prefix}_{int(s):06d}" for s in seeds]
-        return named_batch(torch.as_tensor(decoded).float().clamp(0.0, 1.0), names, self.spacing)
+        return convert_to_tensor(decoded, track_meta=False).float().clamp(0.0, 1.0)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.utils import convert_to_tensor
 from torch import nn
 
 from .text import make_prompt
@@ -98,8 +97,7 @@ def generate(
         chunk = specs[start : start + int(batch_size)]
         tokens = tokenizer([s["prompt"] for s in chunk]).to(device)
         pair = paired_images[start : start + len(chunk)].to(device) if paired_images is not None else None
-        images = sampler(tokens, network, pair, seeds=[s["seed"] for s in chunk])
-        outputs.append(convert_to_tensor(images, track_meta=False).cpu())
+        outputs.append(sampler(tokens, network, pair, seeds=[s["seed"] for s in chunk]).cpu())
     return torch.cat(outputs)
 
 
