@@ -198,10 +198,14 @@ def test_schedulers_share_the_training_betas_and_do_not_clip(name):
 
 
 def test_unknown_scheduler_is_rejected():
-    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
-        make_scheduler("euler")
+    with pytest.raises(ValueError, match="unknown scheduler 'lms'"):
+        make_scheduler("lms")
     with pytest.raises(ValueError, match="DDIM only"):
         make_scheduler("pndm", eta=1.0)
+    with pytest.raises(ValueError, match="DDIM only"):
+        make_scheduler("heun", timestep_spacing="leading")
+    with pytest.raises(ValueError, match="EDM samplers"):
+        make_scheduler("ddim", s_churn=40.0)
 
 
 def test_step_noise_never_replays_a_samples_initial_noise():

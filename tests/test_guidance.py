@@ -90,8 +90,9 @@ def test_single_condition_guidance_extrapolates_from_the_unconditional_predictio
     guided = classifier_free_guidance(3.0)(two_channel, latents, 5, [semantic])
     torch.testing.assert_close(guided, 1 + 3.0 * 10 + 0.01 * latents)  # e0 + 3 (e1 - e0) with e0 = 1, e1 = 11
     assert network.calls[-1].shape[0] == 4
-    classifier_free_guidance(1.0)(two_channel, latents, 5, [semantic])
+    conditional = classifier_free_guidance(1.0)(two_channel, latents, 5, [semantic])
     assert network.calls[-1].shape[0] == 2  # weight 0 on the unconditional branch: it is not evaluated
+    torch.testing.assert_close(conditional, 11 + 0.01 * latents)  # scale 1 is the conditional prediction e1
 
 
 def test_sampler_calls_the_network_once_per_step_and_counts_it():

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from monai.networks.schedulers import RFlowScheduler
 from monai.utils import optional_import
 from torch import nn
 
@@ -235,20 +236,26 @@ def guided_sample(
         spatial_shape = concat[0].shape[2:]
     shape = (int(latent_channels), *spatial_shape)
     latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
-    per_sample_step = "generator" in inspect.signature(scheduler.step).parameters
+    batch_step = getattr(scheduler, "per_sample_generators", False)  # stateful: steps the batch, one generator each
+    per_sample_step = not batch_step and "generator" in inspect.signature(scheduler.step).parameters
     timesteps = tqdm(scheduler.timesteps, desc="sampling", leave=False) if verbose and has_tqdm else scheduler.timesteps
     network.eval()
     nfe = 0
-    for t in timesteps:
+    following = [*scheduler.timesteps[1:].tolist(), 0]
+    for t, next_t in zip(timesteps, following):
         prediction = guidance(network, latents, t, conditions)
         nfe += 1
-        if per_sample_step:
+        if isinstance(scheduler, RFlowScheduler):  # integrates velocity from t to the next timestep
+            latents = scheduler.step(prediction, t, latents, next_t)[0]
+        elif per_sample_step:
             latents = torch.cat(
                 [
                     scheduler.step(prediction[i : i + 1], t, latents[i : i + 1], generator=generators[i])[0]
                     for i in range(len(generators))
                 ]
             )
+        elif batch_step:
+            latents = scheduler.step(prediction, t, latents, generator=generators)[0]
         else:
             latents = scheduler.step(prediction, t, latents)[0]
     return GuidedSamples(latents=latents, nfe=nfe, branch_evaluations=nfe * len(guidance.active_branches))

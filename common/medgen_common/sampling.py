@@ -16,6 +16,7 @@ from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from .engines import apply_output_activation
+from .karras import SOLVERS, KarrasScheduler
 from .runtime import autocast_dtype, autocast_enabled
 
 __all__ = [
@@ -96,20 +97,35 @@ def make_scheduler(
     clip_sample: bool = False,
     eta: float = 0.0,
     timestep_spacing: str = "linspace",
+    **karras_args,
 ):
-    """Build a MONAI noise scheduler by name (``"ddpm"``, ``"ddim"``, ``"pndm"``) with one noise schedule (a beta range,
-    ignored by ``"cosine"``), so a model
-    trained with DDPM can be sampled with any of them. ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
+    """Build a noise scheduler by name with one noise schedule (a beta range, ignored by ``"cosine"``), so a model
+    trained with DDPM can be sampled with any of them: MONAI's ``"ddpm"``, ``"ddim"``, ``"pndm"``, or the EDM samplers
+    ``"euler"``, ``"heun"``, ``"euler_ancestral"``, ``"dpmpp_2m"`` (:class:`~medgen_common.karras.KarrasScheduler`;
+    ``karras_args`` such as ``s_churn`` go to it), or MONAI's ``"rflow"`` for models trained with rectified flow
+    (``karras_args`` then go to ``RFlowScheduler``). Every one plans ``len(scheduler.timesteps)`` network calls.
+
+    ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
     latents are not bounded to [-1, 1], so it defaults to False. ``eta`` and ``timestep_spacing`` are DDIM's (see
     :class:`StochasticDDIMScheduler`); other schedulers reject a non-default one."""
     import monai.networks.schedulers as schedulers
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS)}.")
+    if name not in SCHEDULERS and name not in SOLVERS and name != "rflow":
+        raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS) + ['rflow', *SOLVERS]}.")
     kwargs = dict(num_train_timesteps=num_train_timesteps, schedule=schedule)
     if schedule != "cosine":  # the cosine schedule (Nichol & Dhariwal) has no beta range
         kwargs.update(beta_start=beta_start, beta_end=beta_end)
     kwargs["prediction_type"] = prediction_type
+    if karras_args and name not in (*SOLVERS, "rflow"):
+        raise ValueError(f"{sorted(karras_args)} apply to the EDM samplers {list(SOLVERS)} only, not '{name}'.")
+    if name == "rflow":  # velocity-trained models only: its step integrates v, whatever the noise schedule
+        if schedule != "scaled_linear_beta" or prediction_type != "epsilon" or eta != 0.0 or timestep_spacing != "linspace":
+            raise ValueError("'rflow' has no noise schedule, prediction type, eta or spacing to set.")
+        return schedulers.RFlowScheduler(num_train_timesteps=num_train_timesteps, **karras_args)
+    if name in SOLVERS:
+        if eta != 0.0 or timestep_spacing != "linspace":
+            raise ValueError(f"eta and timestep_spacing apply to DDIM only, got eta={eta}, {timestep_spacing!r} for '{name}'.")
+        return KarrasScheduler(solver=name, **kwargs, **karras_args)
     if name in ("ddpm", "ddim"):
         kwargs["clip_sample"] = clip_sample
     if name == "pndm":
@@ -231,7 +247,7 @@ class LatentDiffusionSampler(Inferer):
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: nn.Module, conditioning=None, seeds=None):  # type: ignore[override]
         self.scheduler.set_timesteps(num_inference_steps=self.num_inference_steps)
-        if isinstance(self.scheduler, StochasticDDIMScheduler) and seeds is not None:
+        if isinstance(self.scheduler, (StochasticDDIMScheduler, KarrasScheduler)) and seeds is not None:
             self.scheduler.generator = torch.Generator(inputs.device).manual_seed(step_noise_seed(seeds))
         self.autoencoder.eval()
         network.eval()

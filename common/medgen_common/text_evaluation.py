@@ -278,7 +278,7 @@ def _load_split(entries: Sequence[dict], preprocessing, sequences: Sequence[str]
 
 def text_generator_report(
     sampler,
-    network: nn.Module,
+    text_network: nn.Module,
     tokenizer,
     training_entries: Sequence[dict],
     test_entries: Sequence[dict],
@@ -298,8 +298,13 @@ def text_generator_report(
     batch_size: int = 64,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    paired_network: nn.Module | None = None,
 ) -> dict:
     """Run every check of the module and write ``evaluation.json`` (and the reader study) under ``output_dir``.
+
+    As in the chapter, the text studies (control accuracy, synthetic images for the augmentation experiment and the
+    single-sequence reader study) use the text-conditioned model ``text_network`` (stage A) and the pairing studies use
+    the paired fine-tuned ``paired_network`` (stage B; ``text_network`` when None).
 
     ``preprocessing`` maps a datalist entry to a dict holding each sequence as ``[1, H, W]`` in [0, 1]. The
     reference classifiers train on every sequence of ``training_entries`` and are scored on ``test_entries``;
@@ -340,7 +345,9 @@ def text_generator_report(
         scaled.text_scale, scaled.pair_scale = float(text), float(pair)
         return scaled
 
-    def sample_fn(scaled):
+    paired_network = text_network if paired_network is None else paired_network
+
+    def sample_fn(scaled, network=text_network):
         return lambda specs, paired=None: generate(scaled, network, tokenizer, specs, batch_size, device, paired)
 
     guided, unguided = sampler_with(text_scale, pair_scale), sampler_with(1.0, 1.0)
@@ -364,7 +371,7 @@ def text_generator_report(
             "text_scale": text_scale,
             "pair_scale": pair_scale,
             **pairing_check(
-                sample_fn(guided),
+                sample_fn(guided, paired_network),
                 test["t2w"][:n],
                 test["dwi"][:n],
                 test["labels"][:n].tolist(),
@@ -409,8 +416,10 @@ def text_generator_report(
             for lesion in (0.0, 1.0)
             for spec in prompt_specs(reader_study_per_cell, seed + 20_000 + int(lesion) * 1000, ["t2w"], lesion)
         ]
-        synthetic_t2w = sample_fn(guided)(pair_specs)
-        synthetic_dwi = sample_fn(guided)(follow_up_specs(pair_specs, "dwi", seed + 30_000), synthetic_t2w)
+        synthetic_t2w = sample_fn(guided, paired_network)(pair_specs)
+        synthetic_dwi = sample_fn(guided, paired_network)(
+            follow_up_specs(pair_specs, "dwi", seed + 30_000), synthetic_t2w
+        )
         real_sets["t2w_dwi"] = (torch.cat([test["t2w"], test["dwi"]], 1), test["labels"])
         synthetic_sets["t2w_dwi"] = (
             torch.cat([synthetic_t2w, synthetic_dwi], 1),
