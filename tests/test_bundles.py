@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from tools import benchmark
 from tools import bundles as harness
 
 BUNDLES = harness.discover_bundles()
@@ -204,6 +205,20 @@ def test_evaluate_writes_report(trained_bundle, tmp_path):
     harness.run_workflow(bundle_root, configs, overrides=overrides, log_file=tmp_path / "evaluate.log")
     report = json.loads((tmp_path / manifest["evaluate"]["report"]).read_text())
     assert report, "empty evaluation report"
+
+
+def test_benchmark_counts_each_samplers_network_calls(trained_bundle):
+    """tools.benchmark on the trained bundle's own inference: DDIM makes `steps` calls, Heun 2 * steps - 1."""
+    bundle_root, manifest, dataset_dir = trained_bundle
+    if "benchmark" not in manifest:
+        pytest.skip(f"{bundle_root.name} has no sampler to benchmark")
+    overrides = {"dataset_dir": str(dataset_dir), "num_threads": 1}
+    result = benchmark.benchmark_bundle(bundle_root, ["ddim", "heun"], [3], 1, "cpu", overrides, warmup=0, repeats=1)
+    assert [(row["sampler"], row["nfe"]) for row in result["rows"]] == [("ddim", 3), ("heun", 5)]
+    for row in result["rows"]:
+        assert row["gflops_per_nfe"] > 0 and row["images_per_second"] > 0
+        assert row["gflops_per_image"] >= row["nfe"] * row["gflops_per_nfe"] * 0.999
+    assert "| heun | 3 | 5 |" in benchmark.markdown_table(result)
 
 
 def test_multi_gpu_override_runs_under_torchrun(trained_bundle, tmp_path):

@@ -1,0 +1,114 @@
+"""Sampling cost of a trained bundle for each sampler and step count: NFE, GFLOPs, images/s and peak memory.
+
+    python -m tools.benchmark --bundle-dir demo/prostate_text_ldm/bundle --samplers ddim heun --steps 10 20 50 \
+        [--images 8] [--device cpu] [--out benchmark.json] [--override key=value ...]
+
+The bundle's ``configs/workflows.json`` says how (its ``benchmark`` entry): which configs to merge (the demo override
+last, as the demo ran), the config expression that makes ``num_samples`` images once (the bundle's own inference,
+outputs written to a temporary folder) and the id of its denoising network, whose calls are counted. A Markdown
+table for the bundle's README is printed and written next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from medgen_common.benchmark import benchmark_sampling, environment
+from medgen_common.writers import write_json
+from tools import bundles as harness
+
+COLUMNS = ("sampler", "steps", "nfe", "gflops_per_nfe", "gflops_per_image", "seconds_per_image", "images_per_second")
+
+
+def benchmark_bundle(
+    bundle_dir: Path,
+    samplers: list[str],
+    steps: list[int],
+    images: int = 8,
+    device: str = "cpu",
+    overrides: dict | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> dict:
+    """Benchmark the bundle's inference at every (sampler, steps); returns the rows and the environment."""
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = harness.load_manifest(bundle_dir)
+    if "benchmark" not in manifest:
+        raise ValueError(f"{bundle_dir.name} declares no 'benchmark' entry in configs/workflows.json.")
+    entry = manifest["benchmark"]
+    config_files = harness.config_paths(bundle_dir, entry["config_files"])
+    rows = []
+    with tempfile.TemporaryDirectory() as output_dir:
+        for sampler in samplers:
+            for num_steps in steps:
+                parser = ConfigParser()
+                parser.read_config(config_files)
+                parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
+                values = {
+                    "bundle_root": str(bundle_dir), "device_name": device, "output_dir": output_dir,
+                    "scheduler_name": sampler, "num_inference_steps": int(num_steps),
+                    "num_samples": int(images), "batch_size": int(images),
+                    **entry.get("overrides", {}), **(overrides or {}), "benchmark_sample": entry["sample"],
+                }  # fmt: skip
+                for key, value in values.items():
+                    parser[key] = value
+                parser.get_parsed_content("initialize")
+                network = parser.get_parsed_content(entry["network"])
+                report = benchmark_sampling(
+                    parser.get_parsed_content("benchmark_sample"), network, images, device, warmup, repeats
+                )
+                rows.append({"sampler": sampler, "steps": int(num_steps), **report})
+                print(format_row(rows[-1]), flush=True)
+    return {"bundle": bundle_dir.name, "environment": environment(device), "rows": rows}
+
+
+def format_row(row: dict) -> str:
+    cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(result: dict) -> str:
+    """The README table of a :func:`benchmark_bundle` result, with what it ran on."""
+    env = result["environment"]
+    header = ["sampler", "steps", "NFE", "GFLOPs/NFE", "GFLOPs/image", "s/image", "images/s"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *(format_row(row) for row in result["rows"]),
+        "",
+        f"{env['device_name']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
+        f"MONAI {env['monai']}; {result['rows'][0]['images_per_call']} images per call, the bundle's whole "
+        "inference (decoder and file writing included), median of the timed runs.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle-dir", type=Path, required=True, help="a trained bundle (e.g. demo/<bundle>/bundle)")
+    parser.add_argument("--samplers", nargs="+", default=["ddim"], help="scheduler names of make_scheduler")
+    parser.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50])
+    parser.add_argument("--images", type=int, default=8, help="images per sampling call")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    result = benchmark_bundle(
+        args.bundle_dir, args.samplers, args.steps, args.images, args.device,
+        harness.parse_overrides(args.override), args.warmup, args.repeats,
+    )  # fmt: skip
+    write_json(result, args.out)
+    table = markdown_table(result)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
