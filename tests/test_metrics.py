@@ -21,6 +21,7 @@ from medgen_common.metrics import (
     nearest_neighbour_distances,
     psnr,
     ssim,
+    surface_distances_per_class,
 )
 
 IGNORE_JIT_DEPRECATION = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -118,6 +119,33 @@ def test_dice_rejects_bad_shapes():
 
 
 # --- feature extractors ----------------------------------------------------------------------------------------------
+
+
+def _one_hot_square(rows: slice, columns: slice, size: int = 16) -> torch.Tensor:
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., rows, columns] = 1
+    return torch.cat([1 - mask, mask], dim=1)
+
+
+def test_surface_distances_of_a_shifted_square():
+    target = _one_hot_square(slice(4, 10), slice(4, 10))
+    shifted = _one_hot_square(slice(6, 12), slice(4, 10))  # two rows down
+    hd95, assd = surface_distances_per_class(target, target)
+    assert hd95.tolist() == [[0.0]] and assd.tolist() == [[0.0]]
+    hd95, assd = surface_distances_per_class(shifted, target)
+    assert hd95.item() == pytest.approx(2.0) and 0 < assd.item() < 2.0
+    hd95_mm, _ = surface_distances_per_class(shifted, target, spacing=(0.5, 1.0))
+    assert hd95_mm.item() == pytest.approx(1.0)  # rows are 0.5 mm apart
+
+
+def test_surface_distance_of_a_missed_structure_is_the_diagonal_and_of_an_absent_one_nan():
+    target, empty = _one_hot_square(slice(4, 10), slice(4, 10)), _one_hot_square(slice(0, 0), slice(0, 0))
+    hd95, assd = surface_distances_per_class(empty, target)
+    assert hd95.item() == pytest.approx(16 * 2**0.5) and assd.item() == pytest.approx(16 * 2**0.5)
+    hd95, assd = surface_distances_per_class(empty, empty)
+    assert torch.isnan(hd95).all() and torch.isnan(assd).all()
+    with pytest.raises(ValueError, match="spacing needs 2 values"):
+        surface_distances_per_class(target, target, spacing=(1.0,))
 
 
 def test_load_feature_extractor_without_weights_names_the_path(tmp_path):

@@ -261,6 +261,7 @@ def test_evaluation_groups_flat_items_by_subject_and_scores_in_3d():
     assert with_background["mean"] == {"class_0": 1.0, "class_1": 1.0}
 
     assert list(group_by_subject(items)) == ["sub-b", "sub-a"]
+    assert scores["mean_hd95"] == {"fg": 0.0} and scores["mean_assd"] == {"fg": 0.0}  # perfect: no surface distance
 
 
 # --- the comparison: useful and useless training data ----------------------------------------------------------------
@@ -282,6 +283,19 @@ def test_training_on_inverted_contrast_scores_much_lower(comparison):
     assert sum(ratios.values()) / len(ratios) < 0.6, ratios
     for tissue in TISSUES:
         assert ratios[tissue] == pytest.approx(inverted[tissue] / comparison["mean_dice"]["real"][tissue])
+
+
+def test_surface_distances_and_patient_level_intervals_rank_the_sets(comparison):
+    ci, surface = comparison["confidence_intervals"], comparison["per_subject_surface"]
+    assert set(surface["real"]["hd95"]) == {"sub-000", "sub-001", "sub-002"}
+    for tissue in TISSUES:
+        real, inverted = ci["real"]["dice"][tissue], ci["inverted"]["dice"][tissue]
+        assert real["n"] == 3 and real["low"] <= comparison["mean_dice"]["real"][tissue] <= real["high"]
+        assert ci["real"]["hd95"][tissue]["mean"] <= ci["inverted"]["hd95"][tissue]["mean"]
+        assert ci["real"]["assd"][tissue]["mean"] <= ci["inverted"]["assd"][tissue]["mean"]
+    difference = comparison["dice_difference_to_reference"]
+    assert list(difference) == ["inverted"]
+    assert difference["inverted"]["csf"]["high"] < 0  # worse on every test subject
 
 
 def test_table_lists_each_training_set_with_dice_and_ratio(comparison):

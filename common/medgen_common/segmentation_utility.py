@@ -46,7 +46,8 @@ from monai.networks.utils import one_hot
 from monai.transforms import LoadImage, NormalizeIntensity
 from monai.utils import convert_to_tensor, optional_import
 
-from .metrics import dice_per_class
+from .downstream_statistics import bootstrap_difference_ci, bootstrap_mean_ci
+from .metrics import dice_per_class, surface_distances_per_class
 from .runtime import select_device
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
@@ -68,6 +69,7 @@ __all__ = [
 MergeRule = int | Mapping[int, int]
 LABEL_FORMATS = ("soft", "index")
 NORMALISATIONS = ("zscore_nonzero", "zscore", "none")
+SURFACE_METRICS = ("dice", "hd95", "assd")
 
 
 class SliceSegmenter(torch.nn.Module):
@@ -562,13 +564,15 @@ def predict_subject(
     return _predict(network, images, batch_size), targets
 
 
-def _volume_dice(
+def _volume_scores(
     prediction: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool
-) -> torch.Tensor:
-    """Dice per class of one subject's class-index volumes ``[X, Y, Z]``, with :func:`metrics.dice_per_class`."""
+) -> dict[str, torch.Tensor]:
+    """Dice, HD95 and ASSD (voxels) per class of one subject's class-index volumes ``[X, Y, Z]``."""
     pred_one_hot = one_hot(prediction[None, None], num_classes=num_classes)
     target_one_hot = one_hot(target[None, None], num_classes=num_classes)
-    return dice_per_class(pred_one_hot, target_one_hot, include_background=include_background)[0]
+    hd95, assd = surface_distances_per_class(pred_one_hot, target_one_hot, include_background)
+    dice = dice_per_class(pred_one_hot, target_one_hot, include_background=include_background)
+    return {"dice": dice[0], "hd95": hd95[0], "assd": assd[0]}
 
 
 def _class_names(class_channels: Sequence[int], class_names: Sequence[str] | None) -> list[str]:
@@ -594,12 +598,20 @@ def _evaluate_loaded(
     batch_size: int,
 ) -> dict[str, dict]:
     scored = names if include_background else names[1:]
-    per_subject = {}
+    per_subject = {metric: {} for metric in SURFACE_METRICS}
     for subject, (images, targets) in volumes.items():
-        dice = _volume_dice(_predict(network, images, batch_size), targets, len(names), include_background)
-        per_subject[subject] = {name: float(value) for name, value in zip(scored, dice)}
-    mean = {name: _nanmean([scores[name] for scores in per_subject.values()]) for name in scored}
-    return {"per_subject": per_subject, "mean": mean}
+        scores = _volume_scores(_predict(network, images, batch_size), targets, len(names), include_background)
+        for metric, values in scores.items():
+            per_subject[metric][subject] = {name: float(value) for name, value in zip(scored, values)}
+    mean = {
+        metric: {name: _nanmean([scores[name] for scores in subjects.values()]) for name in scored}
+        for metric, subjects in per_subject.items()
+    }
+    return {
+        "per_subject": per_subject["dice"], "mean": mean["dice"],
+        **{f"per_subject_{m}": per_subject[m] for m in ("hd95", "assd")},
+        **{f"mean_{m}": mean[m] for m in ("hd95", "assd")},
+    }  # fmt: skip
 
 
 def evaluate_segmenter(
@@ -625,8 +637,11 @@ def evaluate_segmenter(
         label_format, normalisation: see :func:`load_slice`.
 
     Returns:
-        ``{"per_subject": {subject: {class name: Dice}}, "mean": {class name: mean Dice over subjects}}``. A class
-        absent from both a subject's prediction and target is NaN for that subject and left out of the mean.
+        ``{"per_subject": {subject: {class name: Dice}}, "mean": {class name: mean Dice over subjects}}``, and the
+        same for the 95th-percentile Hausdorff and average symmetric surface distances in voxels
+        (``"per_subject_hd95"``, ``"mean_hd95"``, ``"per_subject_assd"``, ``"mean_assd"``). A class absent from both a
+        subject's prediction and target is NaN for that subject and left out of the mean; present in only one, its
+        distances are the volume diagonal (see :func:`metrics.surface_distances_per_class`).
     """
     names = _class_names(class_channels, class_names)
     formats = {"label_format": label_format, "normalisation": normalisation}
@@ -674,7 +689,10 @@ def compare_training_sets(
     Returns:
         ``{"reference": name, "mean_dice": {set: {class: Dice}}, "ratio_to_reference": {set: {class: Dice / the
         reference's Dice}}, "per_subject": {set: {subject: {class: Dice}}}, "num_items": {set: count}}``; a ratio is
-        NaN where the reference's Dice is 0 or NaN.
+        NaN where the reference's Dice is 0 or NaN. Also ``"per_subject_surface"`` (``{set: {"hd95"|"assd":
+        {subject: {class: voxels}}}}``), ``"confidence_intervals"`` (``{set: {"dice"|"hd95"|"assd": {class: mean
+        and 95 % CI}}}``, a bootstrap over test subjects) and ``"dice_difference_to_reference"`` (``{set: {class:
+        paired Dice difference to the reference with its CI}}``).
 
     Raises:
         ValueError: no training sets, ``reference`` is not one of them, a set is empty or an item is invalid.
@@ -690,7 +708,7 @@ def compare_training_sets(
         for name, items in train_sets.items()
     }
     volumes = _load_volumes(test_items, class_channels, merge_into, formats)
-    mean_dice, per_subject = {}, {}
+    mean_dice, per_subject, surface = {}, {}, {}
     for name, (images, targets) in loaded_sets.items():
         network = _train(
             images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, None, progress,
@@ -698,6 +716,7 @@ def compare_training_sets(
         )  # fmt: skip
         scores = _evaluate_loaded(network, volumes, names, include_background, batch_size=64)
         mean_dice[name], per_subject[name] = scores["mean"], scores["per_subject"]
+        surface[name] = {m: scores[f"per_subject_{m}"] for m in ("hd95", "assd")}
     reference_dice = mean_dice[reference]
     ratios = {
         name: {
@@ -705,11 +724,37 @@ def compare_training_sets(
         }
         for name, scores in mean_dice.items()
     }
+    classes = list(reference_dice)
+
+    def per_class(subjects: Mapping[str, Mapping[str, float]], cls: str) -> dict[str, float]:
+        return {subject: scores[cls] for subject, scores in subjects.items()}
+
+    confidence = {
+        name: {
+            "dice": {c: bootstrap_mean_ci(list(per_class(per_subject[name], c).values()), seed=seed) for c in classes},
+            **{
+                m: {c: bootstrap_mean_ci(list(per_class(surface[name][m], c).values()), seed=seed) for c in classes}
+                for m in ("hd95", "assd")
+            },
+        }
+        for name in train_sets
+    }
+    dice_difference = {
+        name: {
+            c: bootstrap_difference_ci(per_class(per_subject[name], c), per_class(per_subject[reference], c), seed=seed)
+            for c in classes
+        }
+        for name in train_sets
+        if name != reference
+    }
     return {
         "reference": reference,
         "mean_dice": mean_dice,
         "ratio_to_reference": ratios,
         "per_subject": per_subject,
+        "per_subject_surface": surface,
+        "confidence_intervals": confidence,
+        "dice_difference_to_reference": dice_difference,
         "num_items": {name: len(items) for name, items in train_sets.items()},
     }
 

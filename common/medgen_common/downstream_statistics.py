@@ -1,0 +1,200 @@
+"""Statistics of synthetic-data utility studies: bootstrap confidence intervals at the patient level, AUROC and
+ΔAUROC, class-matched sampling, and the ways synthetic data are mixed into a training set.
+
+Resampling is over patients (segmentation) or cases (classification), never over slices or pixels: slices of one
+patient are not independent, and CIs over them would be too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "bootstrap_mean_ci",
+    "bootstrap_difference_ci",
+    "auroc",
+    "macro_auroc",
+    "delta_auroc_ci",
+    "class_matched_indices",
+    "mix_training_items",
+    "patch_mix",
+    "MIXING_MODES",
+]
+
+MIXING_MODES = ("concat", "replace")
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float], num_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Mean of per-patient ``values`` (NaNs left out) with a percentile bootstrap CI: ``{"mean", "low", "high", "n"}``."""
+    finite = _finite(values)
+    if len(finite) == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = finite[rng.integers(0, len(finite), size=(int(num_resamples), len(finite)))].mean(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"mean": float(finite.mean()), "low": float(low), "high": float(high), "n": int(len(finite))}
+
+
+def bootstrap_difference_ci(
+    values: Mapping[str, float],
+    reference: Mapping[str, float],
+    num_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired difference ``values - reference`` over the patients both score (finite in both), mean and bootstrap CI.
+
+    Raises:
+        ValueError: the two share no patient.
+    """
+    shared = [k for k in values if k in reference and math.isfinite(values[k]) and math.isfinite(reference[k])]
+    if not shared:
+        raise ValueError("the two score sets share no patient with a finite score; a paired difference needs some.")
+    return bootstrap_mean_ci([values[k] - reference[k] for k in shared], num_resamples, level, seed)
+
+
+def auroc(scores: Sequence[float] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    """Area under the ROC curve of binary ``labels`` (1 positive) by ``scores``: the Mann-Whitney U statistic, ties
+    counted half. NaN when one class is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D of one length, got {scores.shape} and {labels.shape}.")
+    positives, negatives = scores[labels], scores[~labels]
+    if len(positives) == 0 or len(negatives) == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    for end in range(1, len(scores) + 1):  # average ranks over ties
+        if end == len(scores) or sorted_scores[end] != sorted_scores[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2
+            start = end
+    u = ranks[labels].sum() - len(positives) * (len(positives) + 1) / 2
+    return float(u / (len(positives) * len(negatives)))
+
+
+def macro_auroc(probabilities: torch.Tensor | np.ndarray, labels: Sequence[int] | torch.Tensor) -> float:
+    """Mean one-vs-rest AUROC over the classes present, for ``probabilities`` ``[N, K]`` (binary: ``[N, 2]`` gives the
+    AUROC of class 1)."""
+    probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels)
+    if probabilities.ndim != 2 or len(probabilities) != len(labels):
+        raise ValueError(f"probabilities must be [N, K] for N labels, got {probabilities.shape} for {len(labels)}.")
+    if probabilities.shape[1] == 2:
+        return auroc(probabilities[:, 1], labels == 1)
+    values = [auroc(probabilities[:, k], labels == k) for k in range(probabilities.shape[1])]
+    return float(np.nanmean(values)) if any(math.isfinite(v) for v in values) else math.nan
+
+
+def delta_auroc_ci(
+    probabilities: torch.Tensor | np.ndarray,
+    reference_probabilities: torch.Tensor | np.ndarray,
+    labels: Sequence[int] | torch.Tensor,
+    num_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Macro-AUROC of ``probabilities`` minus that of ``reference_probabilities`` on the same cases, with a paired
+    case bootstrap CI (MediSyn's ΔAUROC): ``{"delta", "low", "high", "n"}``. Resamples missing a class are redrawn."""
+    probabilities, reference_probabilities = np.asarray(probabilities), np.asarray(reference_probabilities)
+    labels = np.asarray(labels)
+    if probabilities.shape != reference_probabilities.shape:
+        raise ValueError(
+            f"both models must score the same cases: {probabilities.shape} vs {reference_probabilities.shape}."
+        )
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    deltas = []
+    while len(deltas) < num_resamples:
+        index = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[index])) < len(classes):
+            continue
+        deltas.append(
+            macro_auroc(probabilities[index], labels[index])
+            - macro_auroc(reference_probabilities[index], labels[index])
+        )
+    alpha = (1 - level) / 2
+    low, high = np.quantile(deltas, [alpha, 1 - alpha])
+    delta = macro_auroc(probabilities, labels) - macro_auroc(reference_probabilities, labels)
+    return {"delta": float(delta), "low": float(low), "high": float(high), "n": int(len(labels))}
+
+
+def class_matched_indices(labels: Sequence[int], per_class: int | Mapping[int, int], seed: int = 0) -> list[int]:
+    """Indices drawing ``per_class`` items of every class (a count, or ``{class: count}`` to copy another arm's
+    histogram) without replacement, so compared arms have the same class histogram.
+
+    Raises:
+        ValueError: a class has fewer items than asked.
+    """
+    labels = np.asarray(labels)
+    wanted = per_class if isinstance(per_class, Mapping) else {int(c): int(per_class) for c in np.unique(labels)}
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls, count in sorted(wanted.items()):
+        pool = np.flatnonzero(labels == cls)
+        if len(pool) < count:
+            raise ValueError(f"class {cls} has {len(pool)} items, {count} were asked for.")
+        chosen.extend(rng.choice(pool, size=int(count), replace=False).tolist())
+    return sorted(chosen)
+
+
+def mix_training_items(
+    real: Sequence, synthetic: Sequence, mode: str = "concat", ratio: float = 1.0, seed: int = 0
+) -> list:
+    """A training set of real and synthetic items.
+
+    - ``"concat"``: all real items plus ``round(ratio * len(real))`` synthetic ones (ratio 1: as many as real);
+    - ``"replace"``: ``round(ratio * len(real))`` real items swapped for synthetic ones, the size unchanged.
+
+    Raises:
+        ValueError: unknown mode, a ratio out of range, or too few synthetic items (nothing is silently dropped).
+    """
+    if mode not in MIXING_MODES:
+        raise ValueError(f"unknown mixing mode '{mode}'; choose one of {list(MIXING_MODES)}.")
+    if ratio < 0 or (mode == "replace" and ratio > 1):
+        raise ValueError(f"ratio must be >= 0 (and <= 1 to replace), got {ratio} for '{mode}'.")
+    count = round(ratio * len(real))
+    if count > len(synthetic):
+        raise ValueError(f"'{mode}' at ratio {ratio} needs {count} synthetic items, only {len(synthetic)} given.")
+    rng = np.random.default_rng(seed)
+    drawn = [synthetic[i] for i in sorted(rng.choice(len(synthetic), size=count, replace=False).tolist())]
+    if mode == "concat":
+        return [*real, *drawn]
+    kept = sorted(rng.choice(len(real), size=len(real) - count, replace=False).tolist())
+    return [*(real[i] for i in kept), *drawn]
+
+
+def patch_mix(
+    real: torch.Tensor, synthetic: torch.Tensor, alpha: float, patch_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """EMIT-Diff's patch mixing: a fraction ``alpha`` of the ``patch_size``-square tiles of each real image
+    ``[B, C, H, W]`` (chosen at random per image) is replaced by the same tiles of its synthetic counterpart, which
+    was generated from the real image's mask, so the label stays the real one. ``alpha`` 0 is real, 1 synthetic."""
+    if real.shape != synthetic.shape or real.ndim != 4:
+        raise ValueError(
+            f"real and synthetic must both be [B, C, H, W], got {tuple(real.shape)} and {tuple(synthetic.shape)}."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    batch, _, height, width = real.shape
+    rows, columns = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    tiles = rows * columns
+    chosen = round(alpha * tiles)
+    scores = torch.rand(batch, tiles, generator=generator, device=generator.device if generator else "cpu")
+    grid = torch.zeros(batch, tiles, dtype=torch.bool, device=scores.device)
+    grid.scatter_(1, scores.argsort(1)[:, :chosen], True)
+    mask = grid.view(batch, 1, rows, columns).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
+    mask = mask[..., :height, :width].to(real.device)
+    return torch.where(mask, synthetic, real)
