@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medgen_common.metrics import (
     RandomFeatureExtractor,
@@ -20,9 +22,11 @@ from medgen_common.metrics import (
     ms_ssim_scales,
     nearest_neighbour_distances,
     psnr,
+    memorisation_check,
     ssim,
     surface_distances_per_class,
 )
+from medgen_common.writers import save_memorisation_gallery
 
 IGNORE_JIT_DEPRECATION = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
@@ -351,6 +355,60 @@ def test_copies_have_zero_distance_and_point_at_the_copied_images(metric):
     assert torch.equal(indices, copied)
 
 
+@pytest.mark.parametrize("spatial", [(32, 32), (16, 16, 16)])
+def test_patch_max_check_flags_copies_and_noisy_copies_but_not_new_images(spatial):
+    train = torch.rand(40, 1, *spatial, generator=_generator(0)) * 0.8 + 0.1
+    noisy = (train[[5, 9]] + 0.01 * torch.randn(2, 1, *spatial, generator=_generator(1))).clamp(0, 1)
+    fresh = torch.rand(6, 1, *spatial, generator=_generator(2))
+    samples = torch.cat([train[[3]], noisy, fresh])
+    report = memorisation_check(samples, train, chunk_size=16)
+    distances = torch.tensor(report["distances"])
+    assert distances[0] == pytest.approx(0.0, abs=1e-6) and report["nearest_index"][:3] == [3, 5, 9]
+    assert bool((distances[1:3] <= 0.15).all()) and bool((distances[3:] > 0.3).all())
+    assert report["patch_max"]["flagged_count"] == 3 and report["patch_max"]["flagged_fraction"] == pytest.approx(3 / 9)
+    assert bool(((distances >= 0) & (distances <= 1)).all())
+
+
+def test_patch_max_is_at_least_the_whole_image_normalised_distance():
+    samples, train = _smooth_images(10, (32, 32), 3), _smooth_images(25, (32, 32), 4)
+    patch_max, indices = nearest_neighbour_distances(samples, train, metric="patch_max")
+    whole = (samples - train[indices]).flatten(1).double().norm(dim=1) / math.sqrt(samples[0].numel())
+    assert bool((patch_max >= whole - 1e-12).all())
+
+
+def test_a_copied_corner_is_caught_by_its_patch():
+    """A sample identical to a training image except one tile: the tile decides the patch-max distance."""
+    train = _smooth_images(5, (32, 32), 5)
+    sample = train[[2]].clone()
+    sample[..., :8, :8] += 0.1
+    distance, index = nearest_neighbour_distances(sample, train, metric="patch_max")
+    expected = (sample - train[[2]])[..., :8, :8].double().norm() / 8
+    assert index.item() == 2 and distance.item() == pytest.approx(expected.item())
+
+
+def test_memorisation_check_reports_cosine_neighbours_in_feature_space():
+    train, samples = torch.rand(12, 1, 8, 8, generator=_generator(6)), torch.rand(3, 1, 8, 8, generator=_generator(7))
+    train_features = torch.randn(12, 5, generator=_generator(8))
+    sample_features = 3.0 * train_features[[4, 7, 1]]  # scaled copies: cosine distance 0
+    report = memorisation_check(samples, train, sample_features=sample_features, train_features=train_features)
+    assert report["cosine"]["nearest_index"] == [4, 7, 1]
+    assert max(report["cosine"]["distances"]) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="one feature row per image"):
+        memorisation_check(samples, train, sample_features=sample_features[:2], train_features=train_features)
+    with pytest.raises(ValueError, match="or neither"):
+        memorisation_check(samples, train, sample_features=sample_features)
+
+
+def test_memorisation_gallery_pairs_the_closest_samples_with_their_neighbours(tmp_path):
+    train = _smooth_images(6, (32, 32), 9)
+    samples = torch.cat([train[[4]], _smooth_images(3, (32, 32), 10)])
+    report = memorisation_check(samples, train)
+    distances, nearest = report["distances"], report["nearest_index"]
+    path = save_memorisation_gallery(samples, train, distances, nearest, tmp_path / "g.png", count=2)
+    image = np.asarray(Image.open(path))
+    assert image.shape[0] > image.shape[1] / 2  # two rows (samples over neighbours) of two columns
+
+
 def test_nearest_neighbours_match_brute_force_for_any_chunk_size():
     train = torch.rand(130, 1, 6, 6, 6, generator=_generator(0))
     samples = torch.rand(70, 1, 6, 6, 6, generator=_generator(1))
@@ -380,5 +438,5 @@ def test_memorisation_rejects_bad_shapes_and_metrics():
         nearest_neighbour_distances(torch.rand(4, 1, 8, 9), train)
     with pytest.raises(ValueError, match=r"\(3, 1, 7, 8\).*\(10, 1, 8, 8\)"):
         memorisation_ratio(torch.rand(4, 1, 8, 8), train, torch.rand(3, 1, 7, 8))
-    with pytest.raises(ValueError, match="'mse' or 'correlation'.*'cosine'"):
+    with pytest.raises(ValueError, match="one of \\['mse', 'correlation', 'patch_max'\\].*'cosine'"):
         nearest_neighbour_distances(torch.rand(4, 1, 8, 8), train, metric="cosine")

@@ -50,6 +50,7 @@ __all__ = [
     "ms_ssim_diversity",
     "nearest_neighbour_distances",
     "memorisation_ratio",
+    "memorisation_check",
 ]
 
 #: Any module mapping images ``[B, C, *spatial]`` to feature vectors ``[B, F]`` (a trailing ``1 x ... x 1``
@@ -582,11 +583,35 @@ def ms_ssim_diversity(
 # Memorisation
 
 
-def _pairwise_distances(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
-    """Distances ``[n, m]`` between the rows of flattened images ``[n, V]`` and ``[m, V]`` (float64)."""
+NEAREST_NEIGHBOUR_METRICS = ("mse", "correlation", "patch_max")
+
+
+def _squared_distances(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return (queries.square().sum(1, keepdim=True) + keys.square().sum(1) - 2 * queries @ keys.T).clamp_min(0)
+
+
+def _image_patches(images: torch.Tensor, grid: int) -> list[torch.Tensor]:
+    """The ``grid`` per spatial axis tiles of images ``[B, C, *spatial]``, each flattened to ``[B, V_p]``."""
+    patches = [images]
+    for axis in range(2, images.ndim):
+        patches = [part for patch in patches for part in torch.tensor_split(patch, grid, dim=axis)]
+    return [patch.flatten(start_dim=1) for patch in patches]
+
+
+def _pairwise_distances(
+    queries: torch.Tensor, keys: torch.Tensor, metric: str, data_range: float = 1.0, grid: int = 4
+) -> torch.Tensor:
+    """Distances ``[n, m]`` between images ``[n, C, *spatial]`` and ``[m, C, *spatial]`` (float64)."""
+    if metric == "patch_max":  # Carlini et al. 2023 / MediSyn: the worst-matching tile decides
+        per_patch = [
+            _squared_distances(q, k) / (data_range**2 * q.shape[1])
+            for q, k in zip(_image_patches(queries, grid), _image_patches(keys, grid))
+            if q.shape[1] > 0
+        ]
+        return torch.stack(per_patch).amax(0).sqrt()
+    queries, keys = queries.flatten(start_dim=1), keys.flatten(start_dim=1)
     if metric == "mse":
-        squared = queries.square().sum(1, keepdim=True) + keys.square().sum(1) - 2 * queries @ keys.T
-        return squared.clamp_min(0) / queries.shape[1]
+        return _squared_distances(queries, keys) / queries.shape[1]
     # correlation: rows were centred and scaled to unit norm, so the dot product is Pearson's r
     return 1 - queries @ keys.T
 
@@ -598,7 +623,12 @@ def _standardise_rows(flat: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_neighbour_distances(
-    samples: torch.Tensor, train: torch.Tensor, metric: str = "mse", chunk_size: int = 1024
+    samples: torch.Tensor,
+    train: torch.Tensor,
+    metric: str = "mse",
+    chunk_size: int = 1024,
+    data_range: float = 1.0,
+    grid: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance from each sample to its nearest training image, and that image's index.
 
@@ -610,28 +640,35 @@ def nearest_neighbour_distances(
         train: training images ``[M, C, *spatial]``, same channel and spatial shape.
         metric: ``"mse"``, the mean squared voxel difference (0 for an exact copy), or ``"correlation"``,
             ``1 - Pearson correlation`` in [0, 2] (0 for a copy up to a positive linear intensity change; a
-            constant image has correlation 0, i.e. distance 1, with everything).
+            constant image has correlation 0, i.e. distance 1, with everything), or ``"patch_max"``, the
+            patch-max normalised L2 of Carlini et al. (2023) used by MediSyn: the images are cut into ``grid`` tiles
+            per spatial axis and ``d = max_p ||x_p - y_p||_2 / sqrt(data_range^2 * V_p)`` in [0, 1] for intensities
+            within ``data_range``; MediSyn flags d <= 0.15 as a copy.
         chunk_size: samples and training images per block of the distance matrix.
+        data_range, grid: of ``"patch_max"``.
 
     Returns:
         ``(distances [N], indices [N])``: the nearest-neighbour distance (float64) and the index into ``train``.
     """
-    if metric not in ("mse", "correlation"):
-        raise ValueError(f"metric must be 'mse' or 'correlation', got {metric!r}.")
+    if metric not in NEAREST_NEIGHBOUR_METRICS:
+        raise ValueError(f"metric must be one of {list(NEAREST_NEIGHBOUR_METRICS)}, got {metric!r}.")
     _check_images("samples", samples)
     _check_images("train", train)
     _check_same_shape("samples", samples, "train", train, from_dim=1)
     if train.shape[0] == 0:
         raise ValueError(f"train must hold at least one image, got shape {tuple(train.shape)}.")
-    prepare = _standardise_rows if metric == "correlation" else (lambda flat: flat)
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        images = images.double().to(samples.device)
+        return _standardise_rows(images.flatten(start_dim=1)) if metric == "correlation" else images
+
     best_distances = torch.full((samples.shape[0],), math.inf, dtype=torch.float64, device=samples.device)
     best_indices = torch.zeros(samples.shape[0], dtype=torch.long, device=samples.device)
     for q_start in range(0, samples.shape[0], chunk_size):
-        queries = prepare(samples[q_start : q_start + chunk_size].flatten(start_dim=1).double())
+        queries = prepare(samples[q_start : q_start + chunk_size])
         q_slice = slice(q_start, q_start + queries.shape[0])
         for k_start in range(0, train.shape[0], chunk_size):
-            keys = prepare(train[k_start : k_start + chunk_size].flatten(start_dim=1).double().to(samples.device))
-            distances, indices = _pairwise_distances(queries, keys, metric).min(dim=1)
+            keys = prepare(train[k_start : k_start + chunk_size])
+            distances, indices = _pairwise_distances(queries, keys, metric, data_range, grid).min(dim=1)
             closer = distances < best_distances[q_slice]
             best_distances[q_slice] = torch.where(closer, distances, best_distances[q_slice])
             best_indices[q_slice] = torch.where(closer, indices + k_start, best_indices[q_slice])
@@ -682,3 +719,62 @@ def memorisation_ratio(
             "images, so the memorisation ratio is undefined; use a holdout set disjoint from train."
         )
     return float(sample_distances.median()) / holdout_median
+
+
+def memorisation_check(
+    samples: torch.Tensor,
+    train: torch.Tensor,
+    threshold: float = 0.15,
+    data_range: float = 1.0,
+    grid: int = 4,
+    sample_features: torch.Tensor | None = None,
+    train_features: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> dict[str, Any]:
+    """MediSyn's copy check: the nearest training image of every generated sample by patch-max normalised L2.
+
+    Args:
+        samples, train: images ``[N, C, *spatial]`` and ``[M, C, *spatial]`` (2D or 3D) with intensities within
+            ``data_range``.
+        threshold: samples at a distance <= ``threshold`` are flagged as copies (MediSyn: 0.15).
+        data_range, grid: see :func:`nearest_neighbour_distances` (``"patch_max"``).
+        sample_features, train_features: optional embeddings ``[N, F]`` and ``[M, F]`` (e.g. from
+            :func:`extract_features`); the nearest neighbour by cosine distance is reported as well.
+
+    Returns:
+        ``{"patch_max": {"threshold", "mean", "sd", "flagged_count", "flagged_fraction"}, "distances": [N],
+        "nearest_index": [N]}`` plus ``"cosine": {"mean", "sd", "distances", "nearest_index"}`` with features.
+    """
+    distances, indices = nearest_neighbour_distances(samples, train, "patch_max", chunk_size, data_range, grid)
+    flagged = distances <= threshold
+    report: dict[str, Any] = {
+        "patch_max": {
+            "threshold": float(threshold),
+            "mean": float(distances.mean()),
+            "sd": float(distances.std()) if len(distances) > 1 else 0.0,
+            "flagged_count": int(flagged.sum()),
+            "flagged_fraction": float(flagged.double().mean()),
+        },
+        "distances": distances.tolist(),
+        "nearest_index": indices.tolist(),
+    }
+    if (sample_features is None) != (train_features is None):
+        raise ValueError("give both sample_features and train_features, or neither.")
+    if sample_features is not None:
+        _check_features("sample_features", sample_features, min_rows=1)
+        _check_features("train_features", train_features, min_rows=1)
+        if len(sample_features) != len(samples) or len(train_features) != len(train):
+            raise ValueError(
+                f"need one feature row per image: {len(sample_features)} for {len(samples)} samples, "
+                f"{len(train_features)} for {len(train)} training images."
+            )
+        a = torch.nn.functional.normalize(sample_features.double(), dim=1)
+        b = torch.nn.functional.normalize(train_features.double(), dim=1)
+        cosine, nearest = (1 - a @ b.T).min(dim=1)
+        report["cosine"] = {
+            "mean": float(cosine.mean()),
+            "sd": float(cosine.std()) if len(cosine) > 1 else 0.0,
+            "distances": cosine.tolist(),
+            "nearest_index": nearest.tolist(),
+        }
+    return report

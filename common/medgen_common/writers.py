@@ -246,3 +246,25 @@ def read_json(path: str | Path, what: str = "file"):
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at '{path}'.")
     return json.loads(path.read_text())
+
+
+def save_memorisation_gallery(
+    samples: torch.Tensor,
+    train: torch.Tensor,
+    distances: Sequence[float],
+    nearest_index: Sequence[int],
+    path: str | Path,
+    count: int = 8,
+    **grid_args,
+) -> Path:
+    """PNG of the ``count`` generated samples closest to the training set (top row, closest first) above their
+    nearest training images (bottom row), from :func:`medgen_common.metrics.memorisation_check`; ``grid_args`` go
+    to :func:`save_png_grid` (e.g. ``value_range``, ``rotate``)."""
+    if len(samples) != len(distances) or len(samples) != len(nearest_index):
+        raise ValueError(
+            f"need a distance and a nearest index per sample: {len(samples)} samples, {len(distances)} distances, "
+            f"{len(nearest_index)} indices."
+        )
+    order = sorted(range(len(samples)), key=lambda i: distances[i])[: max(1, int(count))]
+    items = [samples[i] for i in order] + [train[int(nearest_index[i])] for i in order]
+    return save_png_grid(items, path, ncols=len(order), **grid_args)
