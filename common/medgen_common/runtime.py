@@ -126,15 +126,16 @@ def wrap_distributed(network: torch.nn.Module, device: torch.device | str) -> to
 
 def handlers_for_rank(handlers: list) -> list:
     """All ``handlers`` on the main process; on other ranks only those every rank must run (validation, whose
-    metrics are reduced across ranks, and learning-rate schedules, which must stay in step), so logs and
-    checkpoints are written once."""
+    metrics are reduced across ranks, learning-rate schedules, which must stay in step, and the training state,
+    which every rank resumes from and only the main process writes), so logs and checkpoints are written once."""
     if is_main_process():
         return list(handlers)
     from monai.handlers import LrScheduleHandler, ValidationHandler
 
     from .handlers import LrSchedulersHandler
+    from .training_state import TrainingStateHandler
 
-    every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler)
+    every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler, TrainingStateHandler)
     return [handler for handler in handlers if isinstance(handler, every_rank)]
 
 
