@@ -19,7 +19,7 @@ class Killed(Exception):
     """Stands for SIGKILL: the run stops between two iterations, after whatever the handlers wrote."""
 
 
-def make_trainer(state_file, save_interval: int, resume: bool, kill_at: int | None = None):
+def make_trainer(state_file, save_interval: int, resume: bool, kill_at: int | None = None, epoch_length: int = 4):
     set_determinism(seed=0)
     network = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
@@ -34,7 +34,7 @@ def make_trainer(state_file, save_interval: int, resume: bool, kill_at: int | No
     handler = TrainingStateHandler(state_file, {"network": network, "optimizer": optimizer, "schedule": schedule},
                                    save_interval=save_interval, resume=resume)  # fmt: skip
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=EPOCHS, train_data_loader=loader, network=network,
+        device=torch.device("cpu"), max_epochs=EPOCHS, epoch_length=epoch_length, train_data_loader=loader, network=network,
         optimizer=optimizer, loss_function=torch.nn.MSELoss(), train_handlers=[handler],
     )  # fmt: skip
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: schedule.step())
@@ -52,16 +52,20 @@ def final_weights(trainer, network) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in network.parameters()])
 
 
-@pytest.mark.parametrize("save_interval, kill_at", [(0, 6), (3, 7), (2, 9), (3, 12)])
-def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, save_interval, kill_at):
-    expected = final_weights(*make_trainer(tmp_path / "reference.pt", save_interval, resume=False))
+@pytest.mark.parametrize(
+    "save_interval, kill_at, epoch_length",
+    # epochs of one pass over the data; epochs shorter than a pass (3 of 4 batches), so passes straddle epochs
+    [(0, 6, 4), (3, 7, 4), (2, 9, 4), (3, 12, 4), (0, 5, 3), (2, 7, 3), (1, 5, 3)],
+)
+def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, save_interval, kill_at, epoch_length):
+    expected = final_weights(*make_trainer(tmp_path / "reference.pt", save_interval, False, epoch_length=epoch_length))
     state_file = tmp_path / "state.pt"
-    trainer, _ = make_trainer(state_file, save_interval, resume=False, kill_at=kill_at)
+    trainer, _ = make_trainer(state_file, save_interval, resume=False, kill_at=kill_at, epoch_length=epoch_length)
     with pytest.raises(Killed):
         trainer.run()
     saved_at = torch.load(state_file, weights_only=True)["engine"]["iteration"]
     assert 0 < saved_at < kill_at  # the kill lost work after the last save
-    trainer, network = make_trainer(state_file, save_interval, resume=True)
+    trainer, network = make_trainer(state_file, save_interval, resume=True, epoch_length=epoch_length)
     started_at = []
     trainer.add_event_handler(
         Events.ITERATION_STARTED(once=saved_at + 1), lambda e: started_at.append(e.state.iteration)
@@ -69,7 +73,7 @@ def test_resumed_run_ends_with_the_uninterrupted_runs_weights(tmp_path, save_int
     resumed = final_weights(trainer, network)
     assert started_at == [saved_at + 1]  # it did not start over
     assert (resumed - expected).abs().max() < 1e-5
-    assert trainer.state.iteration == EPOCHS * 4
+    assert trainer.state.iteration == EPOCHS * epoch_length
 
 
 def test_resume_without_a_state_file_starts_from_scratch_and_says_so(tmp_path, caplog):

@@ -90,6 +90,31 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def workflow_command(
+    bundle_root: Path,
+    config_files: Sequence[str],
+    run_id: str = "run",
+    overrides: Mapping | None = None,
+    nproc_per_node: int | None = None,
+) -> list[str]:
+    """The ``python -m monai.bundle run`` command line :func:`run_workflow` runs (in ``bundle_root``)."""
+    bundle_root = Path(bundle_root).resolve()
+    config_files = [str(Path(path).resolve()) for path in config_files]
+    command = [sys.executable, "-m"]
+    if nproc_per_node:
+        command += ["torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc_per_node), "-m"]
+    command += [
+        "monai.bundle", "run", run_id,
+        "--meta_file", str(bundle_root / "configs" / "metadata.json"),
+        "--config_file", json.dumps([str(path) for path in config_files]),
+        "--logging_file", str(bundle_root / "configs" / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+    ]  # fmt: skip
+    for key, value in (overrides or {}).items():
+        command += [f"--{key}", _format_override(value)]
+    return command
+
+
 def run_workflow(
     bundle_root: Path,
     config_files: Sequence[str],
@@ -114,19 +139,7 @@ def run_workflow(
         BundleRunError: non-zero exit, with the command and the last 60 lines of output.
     """
     bundle_root = Path(bundle_root).resolve()  # the workflow runs in the bundle folder: no relative paths
-    config_files = [str(Path(path).resolve()) for path in config_files]
-    command = [sys.executable, "-m"]
-    if nproc_per_node:
-        command += ["torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc_per_node), "-m"]
-    command += [
-        "monai.bundle", "run", run_id,
-        "--meta_file", str(bundle_root / "configs" / "metadata.json"),
-        "--config_file", json.dumps([str(path) for path in config_files]),
-        "--logging_file", str(bundle_root / "configs" / "logging.conf"),
-        "--bundle_root", str(bundle_root),
-    ]  # fmt: skip
-    for key, value in (overrides or {}).items():
-        command += [f"--{key}", _format_override(value)]
+    command = workflow_command(bundle_root, config_files, run_id, overrides, nproc_per_node)
     environment = dict(env or worker_environment())
     if log_file is None:
         result = subprocess.run(command, cwd=bundle_root, env=environment, capture_output=True, text=True, timeout=timeout)

@@ -89,6 +89,13 @@ class AdversarialReferee:
     def accuracy(self) -> float | None:
         return sum(self.history) / len(self.history) if self.history else None
 
+    def state_dict(self) -> dict:
+        """The recent accuracies, so a resumed run gates as the interrupted one would have."""
+        return {"history": torch.tensor(self.history, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [float(v) for v in state["history"]]
+
     @property
     def train_generator(self) -> bool:
         return self.accuracy is None or self.accuracy >= self.lower

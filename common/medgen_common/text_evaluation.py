@@ -6,7 +6,9 @@ section 7.4), with reference classifiers trained on real images:
 - :func:`pairing_check`: DW generated from a case's real T2W against a text-only and a shuffled-T2W control
   (correlation with the true DW, classifier agreement, lesion localisation);
 - :func:`augmentation_experiment`: a lesion classifier trained on real vs real + synthetic images, several seeds;
-- :func:`export_reader_study`: a blinded, shuffled real/synthetic x lesion/no-lesion set with a separate key.
+- :func:`export_reader_study`: a blinded, shuffled real/synthetic x lesion/no-lesion set with a separate key;
+- :func:`text_generator_report`: all of them, plus the MediSyn copy check of the synthetic images against the
+  training images (:func:`medgen_common.metrics.memorisation_check`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 from monai.networks.nets import Classifier
 from torch import nn
 
+from .metrics import memorisation_check
 from .text_generation import follow_up_specs, generate, prompt_specs
-from .writers import save_png_grid, write_csv, write_json
+from .writers import save_memorisation_gallery, save_png_grid, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +295,6 @@ def text_generator_report(
     num_pairing_cases: int = 128,
     classifier_steps: int = 500,
     num_real_augmentation: int = 300,
-    num_synthetic: int = 384,
     augmentation_seeds: Sequence[int] = (0, 1, 2),
     reader_study_per_cell: int = 8,
     batch_size: int = 64,
@@ -309,7 +311,8 @@ def text_generator_report(
     ``preprocessing`` maps a datalist entry to a dict holding each sequence as ``[1, H, W]`` in [0, 1]. The
     reference classifiers train on every sequence of ``training_entries`` and are scored on ``test_entries``;
     control accuracy is measured unguided (scale 1) and at ``text_scale``; the pairing check and the synthetic
-    images use ``text_scale`` and ``pair_scale``.
+    images use ``text_scale`` and ``pair_scale``. The guided control samples (``samples_per_prompt`` per sequence
+    and lesion cell) are the synthetic images of the augmentation experiment and of the copy check.
     """
     output_dir = Path(output_dir)
     started = time.time()
@@ -351,13 +354,23 @@ def text_generator_report(
         return lambda specs, paired=None: generate(scaled, network, tokenizer, specs, batch_size, device, paired)
 
     guided, unguided = sampler_with(text_scale, pair_scale), sampler_with(1.0, 1.0)
+    guided_samples: list[tuple[list[dict], torch.Tensor]] = []  # reused as the synthetic set of the augmentation
+
+    def recorded(sample):
+        def record(specs):
+            images = sample(specs)
+            guided_samples.append((specs, images))
+            return images
+
+        return record
+
     logger.info("text control: %d samples per prompt cell, unguided and at scale %g", samples_per_prompt, text_scale)
     report["text_control"] = {
         "unguided": control_accuracy(
             sample_fn(unguided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed
         ),
         f"guided_{text_scale:g}": control_accuracy(
-            sample_fn(guided), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed
+            recorded(sample_fn(guided)), lesion_classifier, sequence_classifier, sequences, samples_per_prompt, seed
         ),
         "samples_per_prompt": samples_per_prompt,
     }
@@ -381,15 +394,11 @@ def text_generator_report(
             ),
         }
 
-    per_cell = max(1, int(num_synthetic) // (2 * len(sequences)))  # balanced: every sequence, with and without lesion
-    synthetic_specs = [
-        spec
-        for cell, (sequence, lesion) in enumerate((s, lesion) for s in sequences for lesion in (0.0, 1.0))
-        for spec in prompt_specs(per_cell, seed + 10_000 + cell * per_cell, [sequence], lesion)
-    ]
-    logger.info("augmentation experiment: %d synthetic images, %d seeds", len(synthetic_specs), len(augmentation_seeds))
-    synthetic = sample_fn(guided)(synthetic_specs)
+    # the guided control samples: balanced over every sequence, with and without lesion
+    synthetic_specs = [spec for specs, _ in guided_samples for spec in specs]
+    synthetic = torch.cat([images for _, images in guided_samples])
     synthetic_labels = torch.as_tensor([int(spec["lesion"]) for spec in synthetic_specs])
+    logger.info("augmentation experiment: %d synthetic images, %d seeds", len(synthetic_specs), len(augmentation_seeds))
     real_count = min(int(num_real_augmentation), len(train_images))
     real_index = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:real_count]
     report["augmentation"] = augmentation_experiment(
@@ -404,6 +413,17 @@ def text_generator_report(
         device,
     )
 
+    memorisation = memorisation_check(synthetic, train_images)
+    save_memorisation_gallery(
+        synthetic, train_images, memorisation["distances"], memorisation["nearest_index"],
+        output_dir / "memorisation_gallery.png", value_range=(0.0, 1.0),
+    )  # fmt: skip
+    report["memorisation"] = {
+        **memorisation["patch_max"],
+        "num_synthetic": len(synthetic),
+        "num_training": len(train_images),
+        "gallery": "memorisation_gallery.png",
+    }
     by_sequence = {s: torch.as_tensor([spec["sequence"] == s for spec in synthetic_specs]) for s in sequences}
     reader_sequences = [s for s in sequences if s != "dwi"] or list(sequences)
     real_sets = {s: (test[s], test["labels"]) for s in reader_sequences}
