@@ -116,7 +116,7 @@ def _discriminator() -> PatchDiscriminator:
     return PatchDiscriminator(2, channels=8, in_channels=4, out_channels=1, num_layers_d=2, kernel_size=4, padding=1)
 
 
-def _trainer(batch, iterations, tumour=True, prior=True, l1_weight=100.0):
+def _trainer(batch, iterations, tumour=True, prior=True, l1_weight=100.0, nonfinite_loss="raise"):
     torch.manual_seed(0)
     generator = Pix2PixUNetGenerator(num_downs=4, channels=8, max_channels=32, dropout=0.0)
     global_discriminator, tumour_discriminator = _discriminator(), (_discriminator() if tumour else None)
@@ -128,6 +128,7 @@ def _trainer(batch, iterations, tumour=True, prior=True, l1_weight=100.0):
     trainer = BiDiscriminatorPix2PixTrainer(
         "cpu", 1, [batch] * iterations, generator, global_discriminator, adam(generator), adam(global_discriminator),
         tumour_discriminator, adam(tumour_discriminator), colour_prior, l1_weight=l1_weight, min_box_size=8, crop_size=16,
+        nonfinite_loss=nonfinite_loss,
     )  # fmt: skip
     outputs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.append(dict(engine.state.output)))
@@ -175,3 +176,13 @@ def test_a_non_finite_loss_stops_training_naming_the_loss_and_iteration():
     trainer, _ = _trainer(_batch(), iterations=1, l1_weight=float("inf"))
     with pytest.raises(FloatingPointError, match="generator loss is inf at iteration 1"):
         trainer.run()
+
+
+def test_skip_mode_drops_non_finite_generator_updates_and_counts_them():
+    trainer, _ = _trainer(_batch(), iterations=3, l1_weight=float("inf"), nonfinite_loss="skip")
+    before = [p.detach().clone() for p in trainer.generator.parameters()]
+    trainer.run()
+    assert trainer.state.skipped_nonfinite_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.generator.parameters()))
+    with pytest.raises(ValueError, match="'raise' or 'skip'"):
+        _trainer(_batch(), iterations=1, nonfinite_loss="ignore")

@@ -126,6 +126,7 @@ class GanTrainerBase(Trainer):
         device, max_epochs, train_data_loader, epoch_length, train_handlers, amp: as MONAI's ``Trainer``.
         optimizers: every optimiser the subclass steps.
         grad_clip_norm: gradient-norm clip applied in every step, or None.
+        nonfinite_loss: ``"raise"`` (stop on a NaN/Inf loss) or ``"skip"`` (drop that update, count it).
     """
 
     def __init__(
@@ -138,7 +139,10 @@ class GanTrainerBase(Trainer):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        nonfinite_loss: str = "raise",
     ):
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}.")
         amp = autocast_enabled(device, amp)
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
@@ -146,7 +150,8 @@ class GanTrainerBase(Trainer):
             decollate=False,
         )  # fmt: skip
         use_scaler = amp and autocast_dtype(device) == torch.float16
-        self.grad_clip_norm = grad_clip_norm
+        self.grad_clip_norm, self.nonfinite_loss = grad_clip_norm, nonfinite_loss
+        self.state.skipped_nonfinite_steps = 0
         self.scalers = {optimizer: torch.amp.GradScaler("cuda", enabled=use_scaler) for optimizer in optimizers}
 
     def autocast(self, enabled: bool = True) -> torch.autocast:
@@ -157,14 +162,23 @@ class GanTrainerBase(Trainer):
     def optimizer_step(self, loss: torch.Tensor, network: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> None:
         """Back-propagate ``loss`` and step ``optimizer`` through its scaler, clipping ``network``'s gradients.
 
+        A NaN or infinite ``loss`` stops training (``nonfinite_loss="raise"``) or skips this update, counted in
+        ``state.skipped_nonfinite_steps`` and logged (``"skip"``).
+
         Raises:
             FloatingPointError: ``loss`` is NaN or infinite; the message names the loss and the iteration.
         """
         if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
+            message = (
                 f"the {name} loss is {loss.detach().float().item()} at iteration {self.state.iteration} "
-                f"(epoch {self.state.epoch}); lower the learning rate or check the inputs for NaN/Inf."
+                f"(epoch {self.state.epoch})"
             )
+            if self.nonfinite_loss == "raise":
+                raise FloatingPointError(f"{message}; lower the learning rate or check the inputs for NaN/Inf.")
+            self.state.skipped_nonfinite_steps += 1
+            self.logger.warning(f"{message}: update skipped ({self.state.skipped_nonfinite_steps} so far).")
+            optimizer.zero_grad(set_to_none=True)
+            return
         scaler = self.scalers[optimizer]
         scaler.scale(loss).backward()
         if self.grad_clip_norm:
@@ -222,10 +236,11 @@ class AutoencoderGanTrainer(GanTrainerBase):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        nonfinite_loss: str = "raise",
     ):
         super().__init__(
             device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
-            train_handlers, amp,
+            train_handlers, amp, nonfinite_loss,
         )  # fmt: skip
         apply_output_activation(torch.zeros(1, 1), output_activation)  # validates the name early
         self.autoencoder, self.discriminator = autoencoder, discriminator
@@ -471,10 +486,11 @@ class SpadeGanTrainer(GanTrainerBase):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        nonfinite_loss: str = "raise",
     ):
         super().__init__(
             device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
-            train_handlers, amp,
+            train_handlers, amp, nonfinite_loss,
         )  # fmt: skip
         if consistency_weight > 0 and style_augmentation is None:
             raise ValueError("consistency_weight > 0 needs a style_augmentation (e.g. monai.transforms.RandAffine).")
@@ -612,12 +628,14 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        nonfinite_loss: str = "raise",
     ):
         if (tumour_discriminator is None) != (tumour_optimizer is None):
             raise ValueError("give tumour_discriminator and tumour_optimizer together, or neither.")
         optimizers = [o for o in (g_optimizer, global_optimizer, tumour_optimizer) if o is not None]
         super().__init__(
-            device, max_epochs, train_data_loader, optimizers, grad_clip_norm, epoch_length, train_handlers, amp
+            device, max_epochs, train_data_loader, optimizers, grad_clip_norm, epoch_length, train_handlers, amp,
+            nonfinite_loss,
         )
         self.generator, self.global_discriminator, self.tumour_discriminator = (
             generator, global_discriminator, tumour_discriminator

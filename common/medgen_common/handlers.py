@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 
 from .writers import save_png_grid
 
-__all__ = ["PreviewGridHandler", "LrSchedulersHandler", "values_of"]
+__all__ = ["PreviewGridHandler", "LrSchedulersHandler", "NonFiniteLossGuard", "values_of"]
 
 
 def values_of(data, key: str = "pred") -> list:
@@ -63,3 +64,53 @@ class LrSchedulersHandler:
     def attach(self, engine: Engine) -> None:
         event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
         engine.add_event_handler(event, lambda _: [scheduler.step() for scheduler in self.lr_schedulers])
+
+
+class NonFiniteLossGuard:
+    """Stop, or skip the step, when a ``SupervisedTrainer``'s loss is NaN or infinite.
+
+    The check runs when the loss is computed, before the backward pass, so NaN never reaches the weights.
+    ``mode="raise"`` stops training with a ``FloatingPointError`` naming the iteration, the epoch and the loss term;
+    ``mode="skip"`` drops that step's gradients (the optimiser leaves every parameter as it was), counts the skip in
+    ``engine.state.skipped_nonfinite_steps`` and logs it. (The GAN trainers check each of their loss terms
+    themselves, see :meth:`medgen_common.engines.GanTrainerBase.optimizer_step`.)
+
+    Args:
+        optimizer: the trainer's optimiser, whose gradients a skipped step discards.
+        mode: ``"raise"`` or ``"skip"``.
+        loss_name: how the message names the loss term.
+    """
+
+    def __init__(self, optimizer, mode: str = "raise", loss_name: str = "training"):
+        if mode not in ("raise", "skip"):
+            raise ValueError(f"mode must be 'raise' or 'skip', got {mode!r}.")
+        self.optimizer, self.mode, self.loss_name = optimizer, mode, loss_name
+        self._skip_this_step = False
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.state.skipped_nonfinite_steps = 0
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._discard_gradients)
+
+    def _check(self, engine: Engine) -> None:
+        from monai.utils import CommonKeys
+
+        loss = engine.state.output[CommonKeys.LOSS].detach()
+        if torch.isfinite(loss).all():
+            return
+        message = (
+            f"the {self.loss_name} loss is {loss.float().mean().item()} at iteration {engine.state.iteration} "
+            f"(epoch {engine.state.epoch})"
+        )
+        if self.mode == "raise":
+            raise FloatingPointError(f"{message}; lower the learning rate or check the inputs for NaN/Inf.")
+        self._skip_this_step = True
+        engine.state.skipped_nonfinite_steps += 1
+        engine.logger.warning(f"{message}: step skipped ({engine.state.skipped_nonfinite_steps} so far).")
+
+    def _discard_gradients(self, engine: Engine) -> None:
+        if self._skip_this_step:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_this_step = False

@@ -132,10 +132,10 @@ def handlers_for_rank(handlers: list) -> list:
         return list(handlers)
     from monai.handlers import LrScheduleHandler, ValidationHandler
 
-    from .handlers import LrSchedulersHandler
+    from .handlers import LrSchedulersHandler, NonFiniteLossGuard
     from .training_state import TrainingStateHandler
 
-    every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler, TrainingStateHandler)
+    every_rank = (LrScheduleHandler, LrSchedulersHandler, ValidationHandler, TrainingStateHandler, NonFiniteLossGuard)
     return [handler for handler in handlers if isinstance(handler, every_rank)]
 
 

@@ -424,10 +424,11 @@ class StyleGanTrainer(GanTrainerBase):
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        nonfinite_loss: str = "raise",
     ):
         super().__init__(
             device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
-            train_handlers, amp,
+            train_handlers, amp, nonfinite_loss,
         )  # fmt: skip
         if r1_gamma < 0 or r1_interval < 1:
             raise ValueError(f"r1_gamma must be >= 0 and r1_interval >= 1, got {r1_gamma} and {r1_interval}.")
