@@ -10,7 +10,12 @@ from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, EnsureTyped, RandGaussianNoised, RandScaleIntensityd
 from monai.utils import set_determinism
 
-from medgen_common.training_state import TrainingStateHandler, capture_random_state, restore_random_state
+from medgen_common.training_state import (
+    TrainingStateHandler,
+    capture_random_state,
+    data_transforms,
+    restore_random_state,
+)
 
 EPOCHS, ITEMS, BATCH = 3, 10, 3  # 4 iterations per epoch (the last batch is short)
 
@@ -108,3 +113,19 @@ def test_random_state_round_trips_through_weights_only_loading(tmp_path):
     expected = (torch.rand(3), transform.R.rand(2).tolist())
     restore_random_state(torch.load(tmp_path / "rng.pt", weights_only=True), [transform])
     assert torch.equal(torch.rand(3), expected[0]) and transform.R.rand(2).tolist() == expected[1]
+
+
+def test_finding_the_data_transforms_leaves_their_random_streams_alone(tmp_path):
+    """Regression: Compose.flatten() builds a new Compose, which re-seeds every child transform, so augmentations
+    repeated from each save on."""
+    trainer, _ = make_trainer(tmp_path / "state.pt", 0, resume=False)
+    transforms = data_transforms(trainer)
+    names = [type(t).__name__ for t in transforms]
+    assert names == ["Compose", "RandGaussianNoised", "RandGaussianNoise", "RandScaleIntensityd", "RandScaleIntensity"]
+    before = [t.R.get_state()[1].copy() for t in transforms]
+    transforms[1].R.rand(5)  # advance one stream, as training does
+    advanced = transforms[1].R.get_state()[1].copy()
+    data_transforms(trainer)
+    capture_random_state(data_transforms(trainer))
+    assert (transforms[1].R.get_state()[1] == advanced).all() and not (advanced == before[1]).all()
+    assert all((t.R.get_state()[1] == b).all() for t, b in zip(transforms[2:], before[2:]))

@@ -418,10 +418,13 @@ def text_generator_report(
         synthetic, train_images, memorisation["distances"], memorisation["nearest_index"],
         output_dir / "memorisation_gallery.png", value_range=(0.0, 1.0),
     )  # fmt: skip
+    # the same check on real held-out images says what the threshold means for these data
+    real_test = memorisation_check(test_images, train_images)["patch_max"]
     report["memorisation"] = {
         **memorisation["patch_max"],
         "num_synthetic": len(synthetic),
         "num_training": len(train_images),
+        "real_test": {key: real_test[key] for key in ("mean", "sd", "flagged_fraction")},
         "gallery": "memorisation_gallery.png",
     }
     by_sequence = {s: torch.as_tensor([spec["sequence"] == s for spec in synthetic_specs]) for s in sequences}

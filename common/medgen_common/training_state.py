@@ -32,14 +32,27 @@ __all__ = ["TrainingStateHandler", "capture_random_state", "restore_random_state
 logger = logging.getLogger(__name__)
 
 
+def _walk(transform, seen: set | None = None) -> list:
+    """``transform`` and every transform nested in it, depth first: the members of a ``Compose`` (``OneOf``, ...)
+    and the array transforms a dictionary transform holds as attributes (``RandGaussianNoised`` draws from the
+    generator of its ``RandGaussianNoise``). Not ``Compose.flatten()``: that builds a new ``Compose``, which re-seeds
+    every child transform."""
+    seen = set() if seen is None else seen
+    if id(transform) in seen:
+        return []
+    seen.add(id(transform))
+    children = list(transform.transforms) if isinstance(transform, Compose) else []
+    children += [value for value in vars(transform).values() if isinstance(value, (Randomizable, Compose))]
+    return [transform, *(item for child in children for item in _walk(child, seen))]
+
+
 def data_transforms(engine: Engine) -> list[Randomizable]:
     """The random transforms (with their own NumPy generator) of the engine's training dataset, in a fixed order."""
     loader = getattr(engine, "data_loader", None) or engine.state.dataloader
     transform = getattr(getattr(loader, "dataset", None), "transform", None)
     if transform is None:
         return []
-    flat = transform.flatten().transforms if isinstance(transform, Compose) else (transform,)
-    return [t for t in (transform, *flat) if isinstance(t, Randomizable) and hasattr(t, "R")]
+    return [t for t in _walk(transform) if isinstance(t, Randomizable) and hasattr(t, "R")]
 
 
 def capture_random_state(transforms: list[Randomizable] = ()) -> dict:
