@@ -44,7 +44,7 @@ def solve(scheduler: KarrasScheduler, start: torch.Tensor, steps: int) -> tuple[
 
 def exact_solution(scheduler: KarrasScheduler, start: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE keeps (x_ve - mean) / sqrt(std^2 + sigma^2): map the start at sigma_max to sigma 0."""
-    sigma_max = float(scheduler.train_sigmas[-1])
+    sigma_max = float(scheduler.train_sigmas[int(scheduler.timesteps[0])])
     x_ve = start.double() * math.sqrt(1 + sigma_max**2)
     return DATA_MEAN + (x_ve - DATA_MEAN) * DATA_STD / math.sqrt(DATA_STD**2 + sigma_max**2)
 
@@ -169,3 +169,13 @@ def test_stochastic_samples_do_not_depend_on_the_batch_they_are_drawn_in():
         return guided_sample(ConditionalEpsilon(), scheduler, classifier_free_guidance(1.0), [condition], seeds, 1, 10)
 
     assert torch.allclose(run([3, 4]).latents[1], run([4]).latents[0], atol=1e-6)
+
+
+def test_sampling_starts_at_edm_sigma_max_not_at_the_cosine_schedules_last_step():
+    scheduler = KarrasScheduler(1000, "cosine", solver="heun")
+    assert float(scheduler.train_sigmas[-1]) > 1e4  # alpha_bar ~ 2e-9 at t = 999
+    scheduler.set_timesteps(10)
+    assert float(scheduler.train_sigmas[int(scheduler.timesteps[0])]) == pytest.approx(80.0, rel=0.05)
+    assert len(scheduler.timesteps) == 19  # 10 distinct levels: 2 * 10 - 1 calls
+    with pytest.raises(ValueError, match="sigma_max must be positive"):
+        KarrasScheduler(solver="euler", sigma_max=0.0)

@@ -45,6 +45,9 @@ class KarrasScheduler(Scheduler):
             ``2 * steps - 1`` in all), ``"euler_ancestral"`` (stochastic Euler of k-diffusion/diffusers, the MediSyn
             default) or ``"dpmpp_2m"`` (DPM-Solver++(2M), multistep, 1 NFE per step).
         rho: Karras schedule exponent.
+        sigma_max: the highest noise level sampled (EDM's 80), capped at the trained maximum. Schedules whose last
+            timesteps have almost no signal (cosine: sigma 2e4 at t = 999) would otherwise spend most Karras levels
+            where every level rounds to the same timestep, and divide the first step's epsilon error by ~1e-5.
         s_churn, s_tmin, s_tmax, s_noise: EDM Alg. 2 stochasticity for Euler and Heun (``s_churn`` 0 is the
             deterministic ODE solve; EDM-Lx used 40, 0.02, 100, 1.003). The raised level is rounded up to a trained
             timestep.
@@ -64,6 +67,7 @@ class KarrasScheduler(Scheduler):
         schedule: str = "linear_beta",
         solver: str = "heun",
         rho: float = 7.0,
+        sigma_max: float = 80.0,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
@@ -80,7 +84,10 @@ class KarrasScheduler(Scheduler):
             raise ValueError(f"s_churn must be >= 0, got {s_churn}.")
         if s_churn > 0 and solver not in ("euler", "heun"):
             raise ValueError(f"s_churn applies to the euler and heun solvers, not '{solver}'.")
+        if sigma_max <= 0:
+            raise ValueError(f"sigma_max must be positive, got {sigma_max}.")
         self.solver, self.rho, self.prediction_type = solver, float(rho), prediction_type
+        self.sigma_max = float(sigma_max)
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = (
             float(s_churn),
             float(s_tmin),
@@ -108,7 +115,8 @@ class KarrasScheduler(Scheduler):
         steps = int(num_inference_steps)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
-        sigma_min, sigma_max = float(self.train_sigmas[0]), float(self.train_sigmas[-1])
+        sigma_min, sigma_max = float(self.train_sigmas[0]), min(self.sigma_max, float(self.train_sigmas[-1]))
+        sigma_max = float(self.train_sigmas[self._timestep(sigma_max)])  # start on a trained level
         levels = [self._timestep(float(s)) for s in karras_sigmas(steps, sigma_min, sigma_max, self.rho)]
         levels = list(dict.fromkeys(levels))  # a schedule finer than the trained grid repeats levels: step once
         gamma = min(self.s_churn / steps, math.sqrt(2) - 1)
