@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
 
 from .writers import save_png_grid
 
@@ -88,15 +90,11 @@ class NonFiniteLossGuard:
         self._skip_this_step = False
 
     def attach(self, engine: Engine) -> None:
-        from monai.engines.utils import IterationEvents
-
         engine.state.skipped_nonfinite_steps = 0
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._discard_gradients)
 
     def _check(self, engine: Engine) -> None:
-        from monai.utils import CommonKeys
-
         loss = engine.state.output[CommonKeys.LOSS].detach()
         if torch.isfinite(loss).all():
             return
