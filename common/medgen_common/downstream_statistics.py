@@ -12,10 +12,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 
 __all__ = [
     "bootstrap_mean_ci",
     "bootstrap_difference_ci",
+    "roc_auc",
     "auroc",
     "macro_auroc",
     "delta_auroc_ci",
@@ -65,25 +67,25 @@ def bootstrap_difference_ci(
     return bootstrap_mean_ci([values[k] - reference[k] for k in shared], num_resamples, level, seed)
 
 
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U, ties counted half)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores and labels differ in length: {scores.shape} and {labels.shape}.")
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        raise ValueError("an AUC needs both classes among the labels.")
+    ranks = stats.rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def auroc(scores: Sequence[float] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
-    """Area under the ROC curve of binary ``labels`` (1 positive) by ``scores``: the Mann-Whitney U statistic, ties
-    counted half. NaN when one class is absent."""
+    """:func:`roc_auc` of 1-D ``scores`` and binary ``labels`` (1 positive), NaN instead of an error when one class
+    is absent (a resample or a one-vs-rest class without cases)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
     if scores.shape != labels.shape or scores.ndim != 1:
         raise ValueError(f"scores and labels must be 1-D of one length, got {scores.shape} and {labels.shape}.")
-    positives, negatives = scores[labels], scores[~labels]
-    if len(positives) == 0 or len(negatives) == 0:
-        return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    for end in range(1, len(scores) + 1):  # average ranks over ties
-        if end == len(scores) or sorted_scores[end] != sorted_scores[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2
-            start = end
-    u = ranks[labels].sum() - len(positives) * (len(positives) + 1) / 2
-    return float(u / (len(positives) * len(negatives)))
+    return roc_auc(scores, labels) if 0 < labels.sum() < len(labels) else math.nan
 
 
 def macro_auroc(probabilities: torch.Tensor | np.ndarray, labels: Sequence[int] | torch.Tensor) -> float:

@@ -17,6 +17,7 @@ from monai.transforms import LoadImage
 from scipy import stats
 from skimage.color import rgb2hsv
 
+from .downstream_statistics import roc_auc
 from .elastography import NUM_LEVELS, lesion_ring, rgb_to_index, strain_ratio
 from .metrics import psnr
 from .writers import write_csv, write_json
@@ -80,18 +81,6 @@ def strain_score(index, mask) -> float:
     if not mask.any():
         raise ValueError("the lesion mask is empty.")
     return float((NUM_LEVELS - index[mask]).mean())
-
-
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U, ties counted half)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores and labels differ in length: {scores.shape} and {labels.shape}.")
-    positives, negatives = labels.sum(), (~labels).sum()
-    if positives == 0 or negatives == 0:
-        raise ValueError("an AUC needs both classes among the labels.")
-    ranks = stats.rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def tsukuba_score(index, mask, inner_px: int = 0, outer_px: int = 4) -> int:
