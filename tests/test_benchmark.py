@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from medgen_common.benchmark import benchmark_sampling, count_flops, count_network_calls, resident_memory_mb
+from medgen_common.benchmark import benchmark_sampling, count_flops, count_network_calls
 from medgen_common.guidance import classifier_free_guidance, guided_sample
 from medgen_common.sampling import make_scheduler
 
@@ -67,6 +67,3 @@ def test_benchmark_refuses_a_sampler_that_never_calls_the_network():
     with pytest.raises(RuntimeError, match="never called the network"):
         benchmark_sampling(lambda: None, tiny_unet(), 1, warmup=0, repeats=1)
 
-
-def test_resident_memory_is_positive():
-    assert resident_memory_mb() > 0

@@ -8,7 +8,6 @@ evaluations are counted by a forward hook on the denoising network, so a sampler
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import resource
 import time
@@ -22,7 +21,6 @@ __all__ = [
     "NetworkCalls",
     "count_network_calls",
     "count_flops",
-    "resident_memory_mb",
     "benchmark_sampling",
     "environment",
 ]
@@ -61,15 +59,6 @@ def count_flops(function: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         function()
     return int(counter.get_total_flops())
-
-
-def resident_memory_mb() -> float:
-    """Current resident set size of this process in MiB (Linux ``/proc``; the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_resident_memory_mb()
 
 
 def peak_resident_memory_mb() -> float:
