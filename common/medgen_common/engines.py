@@ -42,6 +42,7 @@ __all__ = [
     "apply_output_activation",
     "AdversarialReferee",
     "GanTrainerBase",
+    "skip_nonfinite_loss",
     "AutoencoderGanTrainer",
     "ReconstructionInferer",
     "LatentDiffusionPrepareBatch",
@@ -116,6 +117,24 @@ class AdversarialReferee:
         return self.history[-1]
 
 
+def skip_nonfinite_loss(engine, loss: torch.Tensor, name: str, mode: str = "raise") -> bool:
+    """Whether this step must be skipped because ``loss`` is NaN or infinite: ``mode="raise"`` stops training with
+    a ``FloatingPointError`` naming the loss, the iteration and the epoch; ``"skip"`` counts the step in
+    ``engine.state.skipped_nonfinite_steps``, logs it and returns True. False for a finite loss."""
+    loss = loss.detach()
+    if torch.isfinite(loss).all():
+        return False
+    message = (
+        f"the {name} loss is {loss.float().mean().item()} at iteration {engine.state.iteration} "
+        f"(epoch {engine.state.epoch})"
+    )
+    if mode == "raise":
+        raise FloatingPointError(f"{message}; lower the learning rate or check the inputs for NaN/Inf.")
+    engine.state.skipped_nonfinite_steps += 1  # set to 0 by the GAN trainers and NonFiniteLossGuard
+    engine.logger.warning(f"{message}: step skipped ({engine.state.skipped_nonfinite_steps} so far).")
+    return True
+
+
 class GanTrainerBase(Trainer):
     """What every adversarial trainer here shares: MONAI's ``Trainer`` (no decollation) with mixed precision only
     where the device supports it (:func:`~medgen_common.runtime.autocast_enabled`), one gradient scaler per
@@ -168,15 +187,7 @@ class GanTrainerBase(Trainer):
         Raises:
             FloatingPointError: ``loss`` is NaN or infinite; the message names the loss and the iteration.
         """
-        if not torch.isfinite(loss.detach()).all():
-            message = (
-                f"the {name} loss is {loss.detach().float().item()} at iteration {self.state.iteration} "
-                f"(epoch {self.state.epoch})"
-            )
-            if self.nonfinite_loss == "raise":
-                raise FloatingPointError(f"{message}; lower the learning rate or check the inputs for NaN/Inf.")
-            self.state.skipped_nonfinite_steps += 1
-            self.logger.warning(f"{message}: update skipped ({self.state.skipped_nonfinite_steps} so far).")
+        if skip_nonfinite_loss(self, loss, name, self.nonfinite_loss):
             optimizer.zero_grad(set_to_none=True)
             return
         scaler = self.scalers[optimizer]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 
+from .engines import skip_nonfinite_loss
 from .writers import save_png_grid
 
 __all__ = ["PreviewGridHandler", "LrSchedulersHandler", "NonFiniteLossGuard", "values_of"]
@@ -95,18 +95,8 @@ class NonFiniteLossGuard:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._discard_gradients)
 
     def _check(self, engine: Engine) -> None:
-        loss = engine.state.output[CommonKeys.LOSS].detach()
-        if torch.isfinite(loss).all():
-            return
-        message = (
-            f"the {self.loss_name} loss is {loss.float().mean().item()} at iteration {engine.state.iteration} "
-            f"(epoch {engine.state.epoch})"
-        )
-        if self.mode == "raise":
-            raise FloatingPointError(f"{message}; lower the learning rate or check the inputs for NaN/Inf.")
-        self._skip_this_step = True
-        engine.state.skipped_nonfinite_steps += 1
-        engine.logger.warning(f"{message}: step skipped ({engine.state.skipped_nonfinite_steps} so far).")
+        loss = engine.state.output[CommonKeys.LOSS]
+        self._skip_this_step = skip_nonfinite_loss(engine, loss, self.loss_name, self.mode)
 
     def _discard_gradients(self, engine: Engine) -> None:
         if self._skip_this_step:
