@@ -34,8 +34,6 @@ def benchmark_bundle(
     repeats: int = 3,
 ) -> dict:
     """Benchmark the bundle's inference at every (sampler, steps); returns the rows and the environment."""
-    from monai.bundle import ConfigParser
-
     bundle_dir = Path(bundle_dir).resolve()
     manifest = harness.load_manifest(bundle_dir)
     if "benchmark" not in manifest:
@@ -46,22 +44,16 @@ def benchmark_bundle(
     with tempfile.TemporaryDirectory() as output_dir:
         for sampler in samplers:
             for num_steps in steps:
-                parser = ConfigParser()
-                parser.read_config(config_files)
-                parser.read_meta(str(bundle_dir / "configs" / "metadata.json"))
                 values = {
-                    "bundle_root": str(bundle_dir), "device_name": device, "output_dir": output_dir,
-                    "scheduler_name": sampler, "num_inference_steps": int(num_steps),
-                    "num_samples": int(images), "batch_size": int(images),
+                    "device_name": device, "output_dir": output_dir, "scheduler_name": sampler,
+                    "num_inference_steps": int(num_steps), "num_samples": int(images), "batch_size": int(images),
                     **entry.get("overrides", {}), **(overrides or {}), "benchmark_sample": entry["sample"],
                 }  # fmt: skip
-                for key, value in values.items():
-                    parser[key] = value
-                parser.get_parsed_content("initialize")
-                network = parser.get_parsed_content(entry["network"])
-                report = benchmark_sampling(
-                    parser.get_parsed_content("benchmark_sample"), network, images, device, warmup, repeats
+                parsed = harness.parse_config_values(  # one parser: the sample function runs this network instance
+                    bundle_dir, config_files, ["initialize", entry["network"], "benchmark_sample"], values
                 )
+                network = parsed[entry["network"]]
+                report = benchmark_sampling(parsed["benchmark_sample"], network, images, device, warmup, repeats)
                 rows.append({"sampler": sampler, "steps": int(num_steps), **report})
                 print(format_row(rows[-1]), flush=True)
     return {"bundle": bundle_dir.name, "environment": environment(device), "rows": rows}
