@@ -229,9 +229,9 @@ def test_make_context_datalist_pairs_each_image_with_a_same_texture_image(tmp_pa
     for split in ("training", "validation"):
         assert len(written[split]) == len(datalist[split])
         for entry in written[split]:
-            # paths are rewritten relative to the new datalist's folder and still point at the files
+            # paths outside the new datalist's folder become absolute (a datalist may not climb out of its root)
             assert all(os.path.isfile(output_path.parent / entry[key]) for key in ("image", "context"))
-            assert entry["label"] == os.path.join("..", "data", "labels", os.path.basename(entry["label"]))
+            assert entry["label"] == str(data_dir / "labels" / os.path.basename(entry["label"]))
             own, context = (os.path.relpath(output_path.parent / entry[key], data_dir) for key in ("image", "context"))
             assert context != own and entry["context_subject"] != entry["subject"]
             assert texture_of[context] == texture_of[own] and entry["context_device"] == entry["device"]

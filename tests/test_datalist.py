@@ -142,6 +142,27 @@ def test_relative_paths_resolve_against_datalist_folder_and_absolute_paths_are_k
     assert all(Path(e["image"]).is_absolute() for e in entries)
 
 
+@pytest.mark.parametrize("value", ["../outside.nii.gz", "images/../../outside.nii.gz"])
+def test_relative_path_climbing_out_of_the_dataset_root_is_refused(tmp_path, value):
+    _touch(tmp_path / "outside.nii.gz")  # exists: the path is refused for where it points, not for being absent
+    data_dir = tmp_path / "data"
+    _touch(data_dir / "images" / "a.nii.gz")
+    path = _write_json(data_dir / "d.json", {"training": [{"image": "images/a.nii.gz"}, {"image": value}]})
+    with pytest.raises(DatalistError) as info:
+        load_datalist(path)
+    assert str(info.value) == (
+        f"datalist '{path}', training[1]: key 'image' path '{value}' points outside the dataset root '{data_dir}'; "
+        "relative paths must stay inside it (give an absolute path to use a file elsewhere)."
+    )
+
+
+def test_dot_dot_that_stays_inside_the_root_is_accepted(tmp_path):
+    _touch(tmp_path / "images" / "a.nii.gz")
+    (tmp_path / "other").mkdir()
+    path = _write_json(tmp_path / "d.json", {"training": [{"image": "other/../images/a.nii.gz"}]})
+    assert Path(load_datalist(path)[0]["image"]).resolve() == (tmp_path / "images" / "a.nii.gz").resolve()
+
+
 def test_base_dir_overrides_the_datalist_folder(tmp_path):
     base = tmp_path / "data"
     _touch(base / "a.nii.gz")

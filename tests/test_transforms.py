@@ -1,20 +1,25 @@
 """Tests of medgen_common.transforms: probabilistic label maps, divisible shapes, intensity normalisation,
-lesion-size conditions and the finiteness check. Each test checks values, not only that a transform runs."""
+lesion-size conditions, input validation and safe loading. Each test checks values, not only that a transform runs."""
 
 from __future__ import annotations
 
+import gzip
+
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
 from medgen_common.transforms import (
-    CheckFinited,
     DivisiblePadOrCropd,
     LesionSizeConditiond,
     ModalityNormalised,
     NormaliseProbabilitiesd,
     ProbabilitiesToOneHotd,
+    ImageFileError,
+    SafeLoadImaged,
+    ValidateImaged,
     divisible_shape,
     normalise_probabilities,
     one_hot_to_probabilities,
@@ -345,27 +350,118 @@ def test_lesion_size_condition_rejects_negative_channel_indices():
         LesionSizeConditiond("label", [1, -7], [1.0, 1.0])
 
 
-# --- CheckFinited ----------------------------------------------------------------------------------------------------
+# --- ValidateImaged -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_check_finite_names_key_and_source_file(bad):
+def test_validate_refuses_nonfinite_naming_key_and_source_file(bad):
     image = torch.zeros(1, 3, 3)
     image[0, 1, 2] = bad
     data = {"image": MetaTensor(image, meta={"filename_or_obj": "/data/sub-07_T1w.nii.gz"})}
-    with pytest.raises(ValueError) as info:
-        CheckFinited("image")(data)
+    with pytest.raises(ImageFileError) as info:
+        ValidateImaged("image")(data)
     assert str(info.value) == "'image' from '/data/sub-07_T1w.nii.gz' contains NaN or Inf values."
 
 
-def test_check_finite_on_plain_arrays_says_in_memory():
+def test_validate_on_plain_arrays_says_in_memory():
     with pytest.raises(ValueError, match="'label' from '<in memory>' contains NaN or Inf values"):
-        CheckFinited(["image", "label"])({"image": np.zeros(3), "label": np.array([0.0, np.nan])})
+        ValidateImaged(["image", "label"])({"image": np.zeros(3), "label": np.array([0.0, np.nan])})
 
 
-def test_check_finite_passes_finite_data_unchanged():
+def test_validate_passes_good_data_unchanged():
     image = MetaTensor(torch.rand(1, 4, 4), meta={"filename_or_obj": "a.nii.gz"})
     data = {"image": image, "other": torch.tensor([float("nan")])}  # unchecked key
-    out = CheckFinited("image")(data)
+    out = ValidateImaged("image", spatial_dims=2, channels=1)(data)
     assert out == data and out is not data
     assert out["image"] is image
+
+
+def test_validate_refuses_a_wrong_number_of_spatial_dimensions():
+    volume = MetaTensor(torch.rand(4, 8, 8, 5), meta={"filename_or_obj": "sub-01_label.nii.gz"})
+    with pytest.raises(ValueError) as info:
+        ValidateImaged("label", spatial_dims=2)({"label": volume})
+    assert str(info.value) == (
+        "'label' from 'sub-01_label.nii.gz' has shape (4, 8, 8, 5); this model needs a channel-first 2D image [C, H, W]."
+    )
+
+
+def test_validate_refuses_a_wrong_channel_count_naming_the_classes():
+    label = MetaTensor(torch.rand(3, 8, 8), meta={"filename_or_obj": "x.nii.gz"})
+    with pytest.raises(ValueError) as info:
+        ValidateImaged("label", channel_names=["background", "csf", "gm", "wm"])({"label": label})
+    assert str(info.value) == (
+        "'label' from 'x.nii.gz' has 3 channel(s) (shape (3, 8, 8)); this model needs 4 (background, csf, gm, wm)."
+    )
+
+
+def test_validate_probabilities_accepts_soft_and_one_hot_maps():
+    soft = normalise_probabilities(_random_label())
+    one_hot = probabilities_to_one_hot(soft)
+    for label in (soft, one_hot):
+        ValidateImaged("label", probabilities=True)({"label": label})
+
+
+@pytest.mark.parametrize(
+    "label, values, sums",
+    [
+        (torch.full((4, 3, 3), 0.5), "[0.5, 0.5]", "[2, 2]"),  # channels sum to 2
+        (torch.tensor([[[1.4]], [[-0.4]]]), "[-0.4, 1.4]", "[1, 1]"),  # sums to 1, values leave [0, 1]
+    ],
+)
+def test_validate_probabilities_refuses_maps_that_do_not_sum_to_one(label, values, sums):
+    with pytest.raises(ValueError) as info:
+        ValidateImaged("label", probabilities=True)({"label": label})
+    assert str(info.value).startswith(
+        f"'label' from '<in memory>' is not a probabilistic label map: values span {values} and the channel sums "
+        f"span {sums}"
+    )
+    assert "sum to 1 in every voxel" in str(info.value)
+
+
+# --- SafeLoadImaged --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nifti_files(tmp_path):
+    """A good NIfTI, a truncated copy, one with a corrupt header and one with a NaN."""
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 4), dtype=np.float32), np.eye(4)), good)
+    raw = good.read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    header = bytearray(gzip.decompress(raw))
+    header[40:56] = b"\xff" * 16  # dim[] and the datatype code
+    (tmp_path / "corrupt.nii").write_bytes(bytes(header))
+    nan = np.zeros((4, 4, 2), np.float32)
+    nan[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    return tmp_path
+
+
+def test_safe_load_reads_a_good_file_like_monai(nifti_files):
+    image = SafeLoadImaged("image", image_only=True, ensure_channel_first=True)(
+        {"image": str(nifti_files / "good.nii.gz")}
+    )
+    assert image["image"].shape == (1, 16, 16, 4)
+    assert image["image"].meta["filename_or_obj"].endswith("good.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "name, cause",
+    [
+        ("truncated.nii.gz", "EOFError: Compressed file ended before the end-of-stream marker was reached"),
+        ("corrupt.nii", "HeaderDataError"),
+        ("missing.nii.gz", "FileNotFoundError"),
+    ],
+)
+def test_safe_load_names_the_file_it_cannot_read(nifti_files, name, cause):
+    path = str(nifti_files / name)
+    with pytest.raises(ImageFileError) as info:
+        SafeLoadImaged(["label", "image"], image_only=True)({"label": str(nifti_files / "good.nii.gz"), "image": path})
+    assert str(info.value).startswith(f"'image' file '{path}' cannot be read (missing, truncated or corrupt): {cause}")
+
+
+def test_safe_load_refuses_nan_at_load_time_with_the_file_name(nifti_files):
+    path = str(nifti_files / "nan.nii.gz")
+    with pytest.raises(ImageFileError) as info:
+        SafeLoadImaged("image", image_only=True)({"image": path})
+    assert str(info.value) == f"'image' from '{path}' contains NaN or Inf values."

@@ -383,13 +383,14 @@ def load_grey_image(path: str | os.PathLike, intensity_range: Sequence[float] = 
 
 
 def _rebase(value: str | list, old_base: Path, new_base: Path) -> str | list:
-    """A datalist path (or list of paths) relative to ``old_base``, rewritten relative to ``new_base``; absolute
-    paths are unchanged."""
+    """A datalist path (or list of paths) relative to ``old_base``, rewritten relative to ``new_base``, or absolute
+    where it lies outside ``new_base`` (datalists may not climb out of their root); absolute paths are unchanged."""
     if isinstance(value, list):
         return [_rebase(item, old_base, new_base) for item in value]
     if os.path.isabs(value) or old_base == new_base:
         return value
-    return os.path.relpath(old_base / value, new_base)
+    relative = os.path.relpath(old_base / value, new_base)
+    return os.path.abspath(old_base / value) if relative.split(os.sep)[0] == os.pardir else relative
 
 
 def make_context_datalist(
@@ -416,7 +417,7 @@ def make_context_datalist(
     Args:
         datalist_path: the input datalist ``{"training": [...], ...}``; relative paths are relative to its folder.
         output_path: the datalist to write; relative paths under ``path_keys`` and ``context`` are rewritten
-            relative to its folder (other keys are copied verbatim).
+            relative to its folder, or made absolute when outside it (other keys are copied verbatim).
         descriptor: e.g. :class:`RandomFeatureGramDescriptor` or a :class:`GramDescriptor` of the trained encoder.
         splits: the lists to pair; None pairs every top-level list of entries (objects).
         image_key: key of the image path in an entry.

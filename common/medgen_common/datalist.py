@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def load_datalist(
     """Read one split of a datalist JSON and resolve file paths.
 
     Relative paths are resolved against ``base_dir`` (default: the datalist's folder), as MONAI's
-    ``load_decathlon_datalist`` does. Values of ``required_keys`` are file paths; other keys are passed through.
+    ``load_decathlon_datalist`` does, and may not climb out of it with ``..``; absolute paths are taken as given. Values of ``required_keys`` are file paths; other keys are passed through.
 
     Args:
         datalist_path: path of the JSON file.
@@ -47,7 +48,7 @@ def load_datalist(
 
     Raises:
         DatalistError: the file is missing or not JSON, the split is absent or empty, an entry is not a dict,
-            misses a key, or names a file that does not exist. The message names the entry index and key.
+            misses a key, names a file that does not exist, or a relative path outside ``base_dir``. The message names the entry index and key.
     """
     datalist_path = Path(datalist_path)
     if not datalist_path.is_file():
@@ -82,6 +83,11 @@ def load_datalist(
                 if not isinstance(value, str) or not value:
                     raise DatalistError(f"{where}: key '{key}' must be a file path, got {value!r}.")
                 path = Path(value) if Path(value).is_absolute() else base_dir / value
+                if not Path(value).is_absolute() and os.path.normpath(value).split(os.sep)[0] == os.pardir:
+                    raise DatalistError(
+                        f"{where}: key '{key}' path '{value}' points outside the dataset root '{base_dir}'; relative "
+                        "paths must stay inside it (give an absolute path to use a file elsewhere)."
+                    )
                 if check_files and not path.exists():
                     raise DatalistError(f"{where}: file for key '{key}' does not exist: '{path}'.")
                 absolute.append(str(path))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform, Randomizable, ResizeWithPadOrCrop
+from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
 from .mri import SingleCoilMRI, channels_to_complex, complex_to_channels, make_mask
@@ -29,7 +29,10 @@ __all__ = [
     "ModalityNormalised",
     "DivisiblePadOrCropd",
     "LesionSizeConditiond",
-    "CheckFinited",
+    "ImageFileError",
+    "read_image_file",
+    "SafeLoadImaged",
+    "ValidateImaged",
     "RandPickd",
     "RandSliced",
     "RandUndersampled",
@@ -186,7 +189,9 @@ class DivisiblePadOrCropd(MapTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         self.k, self.method = k, method
-        self.background_fill_keys = {background_fill_keys} if isinstance(background_fill_keys, str) else set(background_fill_keys)
+        self.background_fill_keys = (
+            {background_fill_keys} if isinstance(background_fill_keys, str) else set(background_fill_keys)
+        )
         divisible_shape([1], 1, method)  # validates the method name early
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -248,17 +253,117 @@ class LesionSizeConditiond(MapTransform):
         return d
 
 
-class CheckFinited(MapTransform):
-    """Refuse images holding NaN or Inf, naming the file they came from."""
+class ImageFileError(ValueError):
+    """An image file that cannot be read, or holds NaN or Inf; the message names the file."""
+
+
+def _source(value) -> str:
+    return str(getattr(value, "meta", {}).get("filename_or_obj", "<in memory>"))
+
+
+def _refuse_nonfinite(key: Hashable, value, source: str) -> None:
+    array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if array.is_floating_point() and not torch.isfinite(array).all():
+        raise ImageFileError(f"'{key}' from '{source}' contains NaN or Inf values.")
+
+
+def _unreadable(key: Hashable, path, err: Exception) -> ImageFileError:
+    reason = err.__cause__ or err  # MONAI wraps the reader's own error
+    return ImageFileError(
+        f"'{key}' file '{path}' cannot be read (missing, truncated or corrupt): {type(reason).__name__}: {reason}"
+    )
+
+
+def read_image_file(loader: LoadImage, path, key: Hashable = "image"):
+    """``loader(path)``, but a file that cannot be read, or that holds NaN or Inf, raises :class:`ImageFileError`
+    naming ``key`` and the file (MONAI's own error names neither the file nor, for a truncated gzip, the cause)."""
+    try:
+        image = loader(path)
+    except Exception as err:
+        raise _unreadable(key, path, err) from err
+    _refuse_nonfinite(key, image[0] if isinstance(image, tuple) else image, str(path))
+    return image
+
+
+class SafeLoadImaged(LoadImaged):
+    """MONAI's ``LoadImaged`` (same arguments) that refuses what a researcher's folder often holds by accident: a
+    missing, truncated or corrupt file, or one with NaN or Inf values. Either raises :class:`ImageFileError`
+    naming the key and the file."""
+
+    def __call__(self, data, reader=None):
+        try:
+            d = super().__call__(data, reader)
+        except Exception as err:
+            for key in self.key_iterator(dict(data)):  # find the file that failed to name it
+                read_image_file(self._loader, data[key], key)
+            raise  # every file reads alone: not a file problem
+        for key in self.key_iterator(d):
+            _refuse_nonfinite(key, d[key], str(data[key]))
+        return d
+
+
+class ValidateImaged(MapTransform):
+    """Refuse channel-first images ``[C, *spatial]`` that this model cannot take, naming the key and the file:
+    NaN or Inf values, a wrong number of spatial dimensions or channels, or (``probabilities``) a label map whose
+    values leave [0, 1] or whose channels do not sum to 1 within ``tolerance``.
+
+    Args:
+        keys: the images to check; all get the same checks.
+        spatial_dims: 2 or 3, or None to accept either.
+        channels: the channel count the model needs, or None.
+        channel_names: named in the channel-count message (e.g. the label classes).
+        probabilities: check the probabilistic label map convention of this module.
+        tolerance: slack of the probability checks.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int | None = None,
+        channels: int | None = None,
+        channel_names: Sequence[str] | None = None,
+        probabilities: bool = False,
+        tolerance: float = 0.01,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if channel_names is not None and channels is None:
+            channels = len(channel_names)
+        self.spatial_dims, self.channels, self.channel_names = spatial_dims, channels, channel_names
+        self.probabilities, self.tolerance = probabilities, tolerance
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         for key in self.key_iterator(data):
-            value = data[key]
-            array = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-            if not torch.isfinite(array).all():
-                source = getattr(value, "meta", {}).get("filename_or_obj", "<in memory>")
-                raise ValueError(f"'{key}' from '{source}' contains NaN or Inf values.")
+            value, source = data[key], _source(data[key])
+            _refuse_nonfinite(key, value, source)
+            shape = tuple(value.shape)
+            if self.spatial_dims is not None and len(shape) != self.spatial_dims + 1:
+                axes = ", ".join("CHWD"[: self.spatial_dims + 1])
+                raise ValueError(
+                    f"'{key}' from '{source}' has shape {shape}; this model needs a channel-first "
+                    f"{self.spatial_dims}D image [{axes}]."
+                )
+            if self.channels is not None and shape[0] != self.channels:
+                names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
+                raise ValueError(
+                    f"'{key}' from '{source}' has {shape[0]} channel(s) (shape {shape}); this model needs "
+                    f"{self.channels}{names}."
+                )
+            if self.probabilities:
+                self._check_probabilities(key, torch.as_tensor(value).float(), source)
         return dict(data)
+
+    def _check_probabilities(self, key: Hashable, label: torch.Tensor, source: str) -> None:
+        low, high = float(label.min()), float(label.max())
+        total = label.sum(0)
+        off = (total - 1.0).abs() > self.tolerance
+        if low < -self.tolerance or high > 1.0 + self.tolerance or bool(off.any()):
+            raise ValueError(
+                f"'{key}' from '{source}' is not a probabilistic label map: values span [{low:.3g}, {high:.3g}] and "
+                f"the channel sums span [{float(total.min()):.3g}, {float(total.max()):.3g}] ({float(off.float().mean()):.1%} "
+                f"of voxels off 1 by more than {self.tolerance}); give one channel per class, background first, "
+                "with values in [0, 1] that sum to 1 in every voxel (one-hot or soft)."
+            )
 
 
 class RandPickd(Randomizable, MapTransform):
@@ -287,7 +392,9 @@ class RandSliced(Randomizable, MapTransform):
     largest one (so a style slice shows tissue, not the edge of the head).
     """
 
-    def __init__(self, keys: KeysCollection, axis: int = 0, min_area_fraction: float = 0.5, allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, axis: int = 0, min_area_fraction: float = 0.5, allow_missing_keys: bool = False
+    ):
         super().__init__(keys, allow_missing_keys)
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2 (a spatial axis of [C, X, Y, Z]), got {axis}.")
@@ -298,7 +405,9 @@ class RandSliced(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             image = convert_to_tensor(d[key], track_meta=False)
             if image.ndim != 4:
-                raise ValueError(f"'{key}' must be a channel-first 3D image [C, X, Y, Z], got shape {tuple(image.shape)}.")
+                raise ValueError(
+                    f"'{key}' must be a channel-first 3D image [C, X, Y, Z], got shape {tuple(image.shape)}."
+                )
             spatial_axis = self.axis + 1
             other = tuple(a for a in range(4) if a != spatial_axis)
             area = (image != 0).sum(dim=other).float()
@@ -328,7 +437,9 @@ class RandUndersampled(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             image = convert_to_tensor(d[key], track_meta=False).float()
             if image.ndim != 3 or image.shape[0] != 2:
-                raise ValueError(f"'{key}' must be a complex image as [2, H, W] (real, imaginary), got {tuple(image.shape)}.")
+                raise ValueError(
+                    f"'{key}' must be a complex image as [2, H, W] (real, imaginary), got {tuple(image.shape)}."
+                )
             mask = make_mask(self.mask_kind, tuple(image.shape[-2:]), self.acceleration, self.center_fraction,
                              seed=int(self.R.randint(2**31)))  # fmt: skip
             operator = SingleCoilMRI(mask)
@@ -344,6 +455,7 @@ class LoadStackd(MapTransform):
 
     Raises:
         ValueError: the list is empty or the shapes differ (the message names the file).
+        ImageFileError: a file cannot be read or holds NaN or Inf.
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
@@ -356,7 +468,7 @@ class LoadStackd(MapTransform):
             paths = [d[key]] if isinstance(d[key], str) else list(d[key])
             if not paths:
                 raise ValueError(f"'{key}' lists no files to load.")
-            images = [convert_to_tensor(self.loader(path), track_meta=False) for path in paths]
+            images = [convert_to_tensor(read_image_file(self.loader, path, key), track_meta=False) for path in paths]
             for path, image in zip(paths, images):
                 if image.shape != images[0].shape:
                     raise ValueError(
@@ -380,7 +492,12 @@ class SaveNamedNiftid(MapTransform):
         add_key_suffix: bool = False,
     ):  # fmt: skip
         super().__init__(keys)
-        self.output_dir, self.name_key, self.affine_key, self.add_key_suffix = output_dir, name_key, affine_key, add_key_suffix
+        self.output_dir, self.name_key, self.affine_key, self.add_key_suffix = (
+            output_dir,
+            name_key,
+            affine_key,
+            add_key_suffix,
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
