@@ -12,12 +12,11 @@ table for the bundle's README is printed and written next to the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from medgen_common.benchmark import benchmark_sampling, environment
-from medgen_common.writers import write_json
+from medgen_common.writers import write_json, write_text
 from tools import bundles as harness
 
 COLUMNS = ("sampler", "steps", "nfe", "gflops_per_nfe", "gflops_per_image", "seconds_per_image", "images_per_second")
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     write_json(result, args.out)
     table = markdown_table(result)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_text(table + "\n", args.out.with_suffix(".md"))
     print(table)
 
 

@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+from medgen_common.writers import write_json, write_text
 from tools import bundles as harness
 
 BUNDLE = harness.BUNDLES_DIR / "virtual_elastography_gan"
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             print(f"[elastography benchmark] {variant}, seed {seed} ...", flush=True)
             results.append(run_variant(variant, seed, data_root, out_dir, overrides))
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-            (out_dir / "results.md").write_text(results_table(results))
+            write_json(results, out_dir / "results.json")
+            write_text(results_table(results), out_dir / "results.md")
     print(results_table(results))
 
 

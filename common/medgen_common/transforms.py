@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, ResizeWithPadOrCrop
 from monai.utils import convert_to_tensor
 
 from .mri import SingleCoilMRI, channels_to_complex, complex_to_channels, make_mask
-from .writers import save_nifti, save_overlay_png
+from .writers import atomic_path, save_nifti, save_overlay_png
 
 __all__ = [
     "normalise_probabilities",
@@ -38,6 +38,7 @@ __all__ = [
     "RandUndersampled",
     "LoadStackd",
     "SaveNamedNiftid",
+    "AtomicNibabelWriter",
     "SaveOverlayPngd",
 ]
 
@@ -476,6 +477,15 @@ class LoadStackd(MapTransform):
                     )
             d[key] = torch.stack(images)
         return d
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's NIfTI writer for ``SaveImaged`` (``"writer": "$medgen_common.transforms.AtomicNibabelWriter"``) that
+    writes to a temporary name and renames it into place, so a killed run never leaves a truncated file."""
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
+        with atomic_path(filename) as temporary:
+            super().write(str(temporary), verbose=verbose, **obj_kwargs)
 
 
 class SaveNamedNiftid(MapTransform):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "atomic_path",
+    "write_text",
     "save_nifti",
     "label_map_to_rgb",
     "image_to_uint8",
@@ -59,6 +60,8 @@ def atomic_path(path: str | Path):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())  # on disk before it takes the final name, also across a power cut
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -113,9 +116,10 @@ def save_nifti(
     with atomic_path(path) as temporary:
         if str(path).endswith(".gz"):
             # gzip header with time stamp 0 and no file name: equal data give byte-identical files
-            with open(temporary, "wb") as file, gzip.GzipFile(
-                filename="", mode="wb", fileobj=file, compresslevel=compresslevel, mtime=0
-            ) as stream:
+            with (
+                open(temporary, "wb") as file,
+                gzip.GzipFile(filename="", mode="wb", fileobj=file, compresslevel=compresslevel, mtime=0) as stream,
+            ):
                 stream.write(image.to_bytes())
         else:
             nib.save(image, str(temporary))
@@ -188,7 +192,10 @@ def save_png_grid(
     grid = np.zeros((nrows * (height + 2), ncols * (width + 2), 3), dtype=np.uint8)
     for index, tile in enumerate(tiles):
         row, col = divmod(index, ncols)
-        grid[row * (height + 2) : row * (height + 2) + tile.shape[0], col * (width + 2) : col * (width + 2) + tile.shape[1]] = tile
+        grid[
+            row * (height + 2) : row * (height + 2) + tile.shape[0],
+            col * (width + 2) : col * (width + 2) + tile.shape[1],
+        ] = tile
     image = Image.fromarray(grid)
     if upscale > 1:
         image = image.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
@@ -228,6 +235,13 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence) -> Path:
         writer = csv.DictWriter(file, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
+    return Path(path)
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path``, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
     return Path(path)
 
 

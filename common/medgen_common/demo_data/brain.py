@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -80,7 +79,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage, special
 
-from ..writers import save_nifti
+from ..writers import save_nifti, write_json
 from .splits import check_dataset_arguments, split_names
 
 __all__ = [
@@ -658,6 +657,6 @@ def make_brain_dataset(
                     "channels last (X x Y x Z x C); T1 is the warped template, T2 and FLAIR are simulated."
                 ),
             }
-            path.write_text(json.dumps(content, indent=2) + "\n")
+            write_json(content, path)
             datalists[f"{grid_name}/{dimension}"] = path
     return datalists
