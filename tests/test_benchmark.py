@@ -1,4 +1,5 @@
-"""Sampling cost accounting: FLOPs of known layers, NFE from a hook, timing schema on a tiny diffusion U-Net."""
+"""Sampling cost accounting: FLOPs of known layers, NFE from a hook, timing schema on a tiny diffusion U-Net, and the
+memory soak that must tell a leak from flat memory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from medgen_common.benchmark import benchmark_sampling, count_flops, count_network_calls
+from medgen_common.benchmark import benchmark_sampling, count_flops, count_network_calls, soak
 from medgen_common.guidance import classifier_free_guidance, guided_sample
 from medgen_common.sampling import make_scheduler
 
@@ -67,3 +68,24 @@ def test_benchmark_refuses_a_sampler_that_never_calls_the_network():
     with pytest.raises(RuntimeError, match="never called the network"):
         benchmark_sampling(lambda: None, tiny_unet(), 1, warmup=0, repeats=1)
 
+
+
+def test_soak_sees_a_leak_and_no_growth_without_one():
+    kept = []
+
+    def leaking():
+        kept.append(bytearray(4 * 2**20))  # 4 MiB kept per call, touched so it is resident
+
+    def clean():
+        scratch = bytearray(4 * 2**20)
+        del scratch
+
+    leak = soak(leaking, calls=60, warmup_calls=10)
+    assert leak["peak_rss_growth_percent"] > 5.0
+    assert leak["peak_rss_after_warmup_mb"] - leak["peak_rss_warmup_mb"] == pytest.approx(200, rel=0.25)  # 50 x 4 MiB
+    kept.clear()
+    flat = soak(clean, calls=60, warmup_calls=10, record_every=5)
+    assert abs(flat["peak_rss_growth_percent"]) < 1.0
+    assert len(flat["rss_mb"]) == 12 and flat["calls"] == 60
+    with pytest.raises(ValueError, match="0 < warmup_calls < calls"):
+        soak(clean, calls=10, warmup_calls=10)

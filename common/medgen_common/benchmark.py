@@ -23,6 +23,8 @@ __all__ = [
     "count_flops",
     "benchmark_sampling",
     "environment",
+    "resident_memory_mb",
+    "soak",
 ]
 
 
@@ -65,6 +67,47 @@ def peak_resident_memory_mb() -> float:
     """This process's peak resident set size in MiB since it started."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def resident_memory_mb() -> float:
+    """This process's current resident set size in MiB (``/proc/self/status`` on Linux; the peak elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return peak_resident_memory_mb()
+
+
+def soak(function: Callable[[], object], calls: int = 1000, warmup_calls: int = 100, record_every: int = 10) -> dict:
+    """Call ``function`` ``calls`` times in a loop and report whether memory stays flat after ``warmup_calls``.
+
+    The resident set is read after every call. Returns ``peak_rss_warmup_mb`` (the highest reading during the
+    warm-up), ``peak_rss_after_warmup_mb`` (the highest after it), ``peak_rss_growth_percent`` between the two (the
+    figure to keep under 5 %; a leak makes it grow with ``calls``), a trace of the readings every ``record_every``
+    calls (``rss_mb``) and ``seconds``. Readings are of this process only, so earlier work in it does not hide a leak.
+    """
+    if not 0 < warmup_calls < calls:
+        raise ValueError(f"need 0 < warmup_calls < calls, got {warmup_calls} and {calls}.")
+    started = time.perf_counter()
+    readings = []
+    with torch.no_grad():
+        for _ in range(calls):
+            function()
+            readings.append(resident_memory_mb())
+    warmup_peak, after_peak = max(readings[:warmup_calls]), max(readings[warmup_calls:])
+    return {
+        "calls": calls,
+        "warmup_calls": warmup_calls,
+        "peak_rss_warmup_mb": warmup_peak,
+        "peak_rss_after_warmup_mb": after_peak,
+        "peak_rss_growth_percent": 100.0 * (after_peak - warmup_peak) / warmup_peak,
+        "rss_mb": [round(value, 1) for value in readings[record_every - 1 :: record_every]],
+        "record_every": record_every,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def environment(device: torch.device | str) -> dict:
