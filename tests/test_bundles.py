@@ -35,8 +35,21 @@ REQUIRED_FILES = [
     "docs/README.md",
 ]
 # two iterations of one epoch on a couple of samples, on the CPU
-TEST_OVERRIDES = {"epochs": 1, "epoch_length": 2, "batch_size": 2, "val_interval": 1, "device_name": "cpu", "num_threads": 1}
-TEST_INFERENCE_OVERRIDES = {"device_name": "cpu", "num_threads": 1, "num_samples": 2, "batch_size": 2, "num_inference_steps": 2}
+TEST_OVERRIDES = {
+    "epochs": 1,
+    "epoch_length": 2,
+    "batch_size": 2,
+    "val_interval": 1,
+    "device_name": "cpu",
+    "num_threads": 1,
+}
+TEST_INFERENCE_OVERRIDES = {
+    "device_name": "cpu",
+    "num_threads": 1,
+    "num_samples": 2,
+    "batch_size": 2,
+    "num_inference_steps": 2,
+}
 
 
 def test_bundles_are_discovered():
@@ -55,7 +68,9 @@ def test_metadata_follows_project_schema(bundle_root):
     harness.validate_metadata(bundle_root)
 
 
-@pytest.mark.skipif(not harness.OFFICIAL_METADATA_SCHEMA.is_file(), reason="../shared/schemas is not beside the repository")
+@pytest.mark.skipif(
+    not harness.OFFICIAL_METADATA_SCHEMA.is_file(), reason="../shared/schemas is not beside the repository"
+)
 @pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
 def test_metadata_follows_official_monai_schema(bundle_root):
     # an existing --filepath makes MONAI skip the download and validate against it
@@ -103,7 +118,8 @@ def test_configs_parse_and_networks_instantiate(bundle_root, demo):
 
 def _fake_forward_args(spec: dict) -> dict:
     return {
-        name: torch.zeros(arg["shape"], dtype=getattr(torch, arg["dtype"])) for name, arg in spec.get("extra_forward_args", {}).items()
+        name: torch.zeros(arg["shape"], dtype=getattr(torch, arg["dtype"]))
+        for name, arg in spec.get("extra_forward_args", {}).items()
     }
 
 
@@ -226,7 +242,9 @@ def test_multi_gpu_override_runs_under_torchrun(trained_bundle, tmp_path):
     bundle_root, manifest, dataset_dir = trained_bundle
     for stage in manifest["training"]:
         files = stage["config_files"] + stage.get("multi_gpu_config_files", ["configs/multi_gpu_train.json"])
-        overrides = dict(TEST_OVERRIDES, epoch_length=1, dataset_dir=str(dataset_dir), ckpt_dir=str(tmp_path / "models"))
+        overrides = dict(
+            TEST_OVERRIDES, epoch_length=1, dataset_dir=str(dataset_dir), ckpt_dir=str(tmp_path / "models")
+        )
         # later stages read the checkpoints of earlier ones from ckpt_dir; this stage's own must be written anew
         shutil.copytree(bundle_root / "models", tmp_path / "models", dirs_exist_ok=True)
         checkpoint = tmp_path / "models" / Path(stage["checkpoint"]).name
@@ -236,3 +254,90 @@ def test_multi_gpu_override_runs_under_torchrun(trained_bundle, tmp_path):
             nproc_per_node=2, log_file=tmp_path / f"ddp_{stage['name']}.log",
         )  # fmt: skip
         assert checkpoint.is_file(), f"torchrun stage {stage['name']} wrote no {checkpoint.name}"
+
+
+STANDALONE_BUNDLE = "brainspade_label_ldm"  # the check installs a fresh environment, so it runs for one bundle
+
+
+def _serve(directory: Path):
+    """An HTTP server for ``directory`` on 127.0.0.1 (a free port), in a thread; returns it (shut it down after)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_packaged_bundle_downloads_and_runs_standalone_in_a_fresh_environment(trained_bundle, tmp_path):
+    """tools.package -> registry served on loopback -> `python -m monai.bundle download` into an empty folder ->
+    inference from there, in a new virtual environment holding only torch and the packages in the archived
+    metadata.json (not this repository); then a flipped byte in the weights is refused before they load."""
+    bundle_root, manifest, dataset_dir = trained_bundle
+    if bundle_root.name != STANDALONE_BUNDLE:
+        pytest.skip(f"the standalone check runs for {STANDALONE_BUNDLE}")
+    from tools import package
+
+    entry = package.package_bundle(bundle_root, tmp_path / "dist", models_from=bundle_root.parent)
+    assert "model.pt" in entry["weights"] and "medgen-bundles" not in entry["required_packages_version"]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    pins = [f"{name}=={version}" for name, version in entry["required_packages_version"].items()]
+    pins += [f"monai=={entry['monai_version']}", f"numpy=={entry['numpy_version']}"]
+    for requirement in ([f"torch=={entry['pytorch_version']}"], pins):  # torch first: the CPU build on this disk
+        subprocess.run([python, "-m", "pip", "install", "--quiet", *requirement], check=True, timeout=1200)
+    env = {key: value for key, value in harness.worker_environment().items() if key != "PYTHONPATH"}
+
+    server = _serve(tmp_path / "dist")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{entry['archive']}"
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        subprocess.run(
+            [python, "-m", "monai.bundle", "download", "--name", bundle_root.name, "--url", url,
+             "--bundle_dir", str(downloads)], check=True, env=env, cwd=downloads, timeout=300,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    standalone = downloads / bundle_root.name
+    assert (standalone / "models" / "checksums.json").is_file()
+    where = subprocess.run(
+        [python, "-c", "import medgen_common; print(medgen_common.__file__)"],
+        check=True, env=env, cwd=standalone, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    assert Path(where).resolve().is_relative_to(standalone.resolve()), where  # the vendored copy, not the repository
+
+    configs = harness.config_paths(standalone, manifest["inference"]["config_files"])
+    overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir), output_dir=str(tmp_path / "out"))
+    command = [
+        python,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--meta_file",
+        "configs/metadata.json",
+        "--logging_file",
+        "configs/logging.conf",
+        "--bundle_root",
+        ".",
+    ]
+    command += [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=standalone, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "verified the SHA-256 of" in result.stdout + result.stderr
+    outputs = sorted((tmp_path / "out").glob(manifest["inference"]["output_glob"]))
+    assert len(outputs) == TEST_INFERENCE_OVERRIDES["num_samples"] * manifest["inference"].get("outputs_per_sample", 1)
+
+    weights = standalone / "models" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    result = subprocess.run(command, env=env, cwd=standalone, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert f"weights file '{weights.relative_to(standalone)}' has SHA-256" in result.stdout + result.stderr or (
+        f"weights file '{weights}' has SHA-256" in result.stdout + result.stderr
+    )
