@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,98 @@ def test_packaged_bundle_downloads_and_runs_standalone_in_a_fresh_environment(tr
     assert f"weights file '{weights.relative_to(standalone)}' has SHA-256" in result.stdout + result.stderr or (
         f"weights file '{weights}' has SHA-256" in result.stdout + result.stderr
     )
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc PACS with DICOMweb on loopback, storing in a temporary folder; yields its DICOMweb root."""
+    import socket
+    import urllib.request
+
+    executable = shutil.which("Orthanc")
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if executable is None or not plugin.is_file():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    storage = tmp_path / "orthanc"
+    storage.mkdir()
+    config = {
+        "Name": "medgen-test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+        "HttpPort": ports[0], "DicomPort": ports[1], "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Plugins": [str(plugin)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }  # fmt: skip
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "w")
+    server = subprocess.Popen([executable, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    root = f"http://127.0.0.1:{ports[0]}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{root}/system", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"Orthanc did not start: {(tmp_path / 'orthanc.log').read_text()[-2000:]}")
+        yield f"{root}/dicom-web"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_pacs_round_trip_pulls_a_study_runs_inference_and_stores_a_synthetic_series(trained_bundle, orthanc, tmp_path):
+    """A study pushed to Orthanc, pulled by WADO-RS, run through the bundle's inference by tools.pacs, stored back
+    by STOW-RS as a new synthetic series, then queried back (QIDO-RS) and compared pixel by pixel and tag by tag."""
+    bundle_root, manifest, dataset_dir = trained_bundle
+    if "pacs" not in manifest:
+        pytest.skip(f"{bundle_root.name} declares no PACS workflow")
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+    from monai.transforms import LoadImage
+
+    from medgen_common.datalist import load_datalist
+    from medgen_common.dicom_io import SyntheticSeries, write_dicom_series
+    from tools import pacs
+
+    entry = manifest["pacs"]
+    source = load_datalist(dataset_dir / "datalist_2d.json", "test", [entry["input_key"]])[0][entry["input_key"]]
+    image = LoadImage(image_only=True, ensure_channel_first=True, channel_dim=-1)(source)
+    low, high = entry["input_value_range"]
+    files = write_dicom_series(image * (high - low) + low, tmp_path / "clinical", SyntheticSeries("scanner", "1"),
+                               entry["input_modality"])  # fmt: skip
+    clinical = []
+    for path in files:  # a named patient, as a PACS holds them
+        dataset = pydicom.dcmread(path)
+        dataset.PatientName, dataset.PatientID, dataset.PatientBirthDate = "Doe^Jane", "MRN-12345", "19700101"
+        clinical.append(dataset)
+    client = DICOMwebClient(url=orthanc)
+    client.store_instances(clinical)
+    study = clinical[0].StudyInstanceUID
+
+    result = pacs.run(bundle_root, orthanc, study, work_dir=tmp_path / "work", demo=True,
+                      overrides={"device_name": "cpu", "num_threads": 1})  # fmt: skip
+    assert result["study"] != study and len(result["outputs"]) == 1
+    ((output_name, stored),) = result["outputs"].items()
+
+    found = client.search_for_series(study_instance_uid=result["study"])
+    assert [item["0020000E"]["Value"][0] for item in found] == [stored["series"]]
+    back = client.retrieve_series(result["study"], stored["series"])
+    assert len(back) == len(stored["files"]) == 1
+    dataset = back[0]
+    assert dataset.SeriesDescription.startswith(f"SYNTHETIC {bundle_root.name} ")
+    assert list(dataset.ImageType)[:2] == ["DERIVED", "SECONDARY"] and dataset.ConversionType == "SYN"
+    assert str(dataset.PatientName) == f"SYNTHETIC^{bundle_root.name}" and "Doe" not in str(dataset)
+    assert "MRN-12345" not in str(dataset) and dataset.SOPInstanceUID != clinical[0].SOPInstanceUID
+    assert [float(v) for v in dataset.PixelSpacing] == pytest.approx(
+        [float(v) for v in np.abs(np.diag(image.affine))[:2]][::-1]
+    )
+    written = pydicom.dcmread(stored["files"][0])
+    np.testing.assert_array_equal(dataset.pixel_array, written.pixel_array)  # what was stored is what comes back
+    produced = np.moveaxis(np.asarray(LoadImage(image_only=True)(tmp_path / "work" / "output" / output_name)), -1, 0)
+    np.testing.assert_allclose(dataset.pixel_array.transpose(2, 1, 0) / 255.0, produced.reshape(3, *produced.shape[1:3]),
+                               atol=0.5 / 255 + 1e-6)  # fmt: skip

@@ -105,6 +105,9 @@ def test_ultrasound_and_rgb_elastogram_series(tmp_path):
     np.testing.assert_allclose(us.pixel_array.T / 255.0, bmode[0].numpy(), atol=0.5 / 255 + 1e-6)
     region = us.SequenceOfUltrasoundRegions[0]
     assert (region.PhysicalDeltaX, region.PhysicalDeltaY) == pytest.approx((0.02, 0.03))  # cm
+    back = read_dicom_series(tmp_path / "us")  # the spacing comes back from the region calibration
+    np.testing.assert_allclose(np.diag(np.asarray(back.affine))[:2], [-0.2, -0.3])
+    np.testing.assert_allclose(back[0, :, :, 0].numpy() / 255.0, bmode[0].numpy(), atol=0.5 / 255 + 1e-6)  # 8-bit
 
     elastogram = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(3))
     sc = pydicom.dcmread(write_dicom_series(elastogram, tmp_path / "sc", SyntheticSeries("veg", "0.2.0"))[0])

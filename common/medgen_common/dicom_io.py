@@ -14,6 +14,7 @@ is ``SYNTHETIC^<bundle>`` with an ID derived from the new study UID.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from collections.abc import Sequence
@@ -128,7 +129,8 @@ def check_dicom_series(source: str | os.PathLike | Sequence) -> list:
 
 def read_dicom_series(folder: str | os.PathLike) -> MetaTensor:
     """Read the one image series in ``folder`` as ``[1, X, Y, Z]`` float32 with MONAI's ``ITKReader`` (RAS affine in
-    ``meta``; rescale slope and intercept applied), after :func:`check_dicom_series`. ``meta`` also holds the
+    ``meta``; rescale slope and intercept applied; ultrasound spacing from its region calibration), after
+    :func:`check_dicom_series`. ``meta`` also holds the
     series' ``Modality``, ``StudyInstanceUID`` and ``SeriesInstanceUID``.
 
     Raises:
@@ -138,9 +140,22 @@ def read_dicom_series(folder: str | os.PathLike) -> MetaTensor:
     image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True, dtype=np.float32)(
         os.fspath(folder)
     )
+    spacing = _ultrasound_spacing_mm(headers[0])
+    if spacing is not None:  # ITK knows only PixelSpacing; ultrasound keeps it in its region calibration
+        image.affine = torch.as_tensor(np.asarray(image.affine) @ np.diag([*spacing, 1.0, 1.0]))
     for keyword in ("Modality", "StudyInstanceUID", "SeriesInstanceUID"):
         image.meta[keyword] = str(headers[0].get(keyword, ""))
     return image
+
+
+def _ultrasound_spacing_mm(header) -> tuple[float, float] | None:
+    """(column, row) spacing in mm from the first ultrasound region calibrated in cm, when PixelSpacing is absent."""
+    if "PixelSpacing" in header or "SequenceOfUltrasoundRegions" not in header:
+        return None
+    for region in header.SequenceOfUltrasoundRegions:
+        if region.get("PhysicalUnitsXDirection") == 3 and region.get("PhysicalUnitsYDirection") == 3:
+            return 10.0 * float(region.PhysicalDeltaX), 10.0 * float(region.PhysicalDeltaY)
+    return None
 
 
 class SyntheticSeries:
@@ -177,6 +192,14 @@ class SyntheticSeries:
         self.description = f"SYNTHETIC {bundle} {version}" + (f" {description}" if description else "")
         now = datetime.datetime.now()
         self.date, self.time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+    def next_series(self) -> SyntheticSeries:
+        """Another new series in this one's study, with the same patient identity and the next series number."""
+        from pydicom.uid import generate_uid
+
+        following = copy.copy(self)
+        following.series_uid, following.series_number = generate_uid(), self.series_number + 1
+        return following
 
     def dataset(self, sop_class_uid: str, modality: str, instance_number: int):
         """A pydicom ``FileDataset`` holding the patient, study, series, equipment and SOP common attributes."""
