@@ -199,3 +199,15 @@ def test_two_series_in_one_folder_and_non_dicom_files_are_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("not dicom")
     with pytest.raises(DicomSeriesError, match=r"'.*notes.txt' is not a readable DICOM file: InvalidDicomError"):
         check_dicom_series([tmp_path / "notes.txt"])
+
+
+def test_a_truncated_dicom_file_is_refused_not_read_as_zeros(tmp_path):
+    files = write_dicom_series(_volume(), tmp_path / "mr", SyntheticSeries("b", "1"), "MR")
+    raw = files[1].read_bytes()
+    files[1].write_bytes(raw[:-500])  # the end of the pixel data is lost
+    with pytest.raises(DicomSeriesError) as info:
+        read_dicom_series(tmp_path / "mr")
+    assert str(info.value) == f"'{files[1]}' is truncated: its pixel data has 460 bytes, 24 x 20 pixels need 960."
+    files[1].write_bytes(raw[:300])  # cut inside the header
+    with pytest.raises(DicomSeriesError, match=rf"'{files[1]}' is not a complete DICOM file: it lacks \['SOPClassUID'"):
+        read_dicom_series(tmp_path / "mr")

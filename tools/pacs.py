@@ -27,9 +27,28 @@ from medgen_common.writers import save_nifti, write_json
 from tools import bundles as harness
 
 
-def _client(url: str):
+class PacsUnavailableError(ConnectionError):
+    """The PACS did not answer (down, wrong address, or hanging) within the timeout."""
+
+
+def connect(url: str, timeout: float = 10.0):
+    """A DICOMweb client for ``url`` after a QIDO-RS probe that must answer within ``timeout`` seconds, so a PACS
+    that is down or hangs gives an error at once instead of a stalled run.
+
+    Raises:
+        PacsUnavailableError: no answer, a refused connection or an HTTP error, with the URL and the cause.
+    """
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
+    probe = f"{url.rstrip('/')}/studies?limit=1"
+    try:
+        requests.get(probe, timeout=timeout, headers={"Accept": "application/dicom+json"}).raise_for_status()
+    except requests.RequestException as err:
+        raise PacsUnavailableError(
+            f"the PACS at {url} did not answer a DICOMweb query within {timeout:g} s ({type(err).__name__}: {err}); "
+            "check that it is running and that the URL is its DICOMweb root (e.g. http://host:8042/dicom-web)."
+        ) from err
     return DICOMwebClient(url=url)
 
 
@@ -66,8 +85,15 @@ def run(
     demo: bool = False,
     overrides: dict | None = None,
     copy_patient: bool = False,
+    timeout: float = 10.0,
 ) -> dict:
-    """Pull, infer, push (module docstring). Returns the new study UID and, per input series, the new series UID."""
+    """Pull, infer, push (module docstring). Returns the new study UID and, per output, the new series UID.
+
+    Raises:
+        PacsUnavailableError: the PACS does not answer within ``timeout`` seconds (see :func:`connect`).
+        ValueError: the study has no series of the bundle's input modality, or the bundle declares no PACS workflow.
+        DicomSeriesError: a pulled series cannot be read (see :func:`medgen_common.dicom_io.check_dicom_series`).
+    """
     bundle_dir = Path(bundle_dir).resolve()
     manifest = harness.load_manifest(bundle_dir)
     if "pacs" not in manifest:
@@ -75,7 +101,7 @@ def run(
     entry = manifest["pacs"]
     metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="pacs_run_")).resolve()
-    client = _client(pacs_url)
+    client = connect(pacs_url, timeout)
     series_uids = series_uids or input_series(client, study_uid, entry["input_modality"])
 
     items, sources = [], {}
@@ -138,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--demo", action="store_true", help="merge configs/demo.json (a demo-trained bundle)")
     run_parser.add_argument("--copy-patient", action="store_true", help="copy the input's patient attributes")
     run_parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE")
+    run_parser.add_argument("--timeout", type=float, default=10.0, help="seconds the PACS has to answer the probe")
     args = parser.parse_args(argv)
     result = run(
         args.bundle_dir, args.pacs, args.study, args.series, args.work, args.demo,
-        harness.parse_overrides(args.override), args.copy_patient,
+        harness.parse_overrides(args.override), args.copy_patient, args.timeout,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
 

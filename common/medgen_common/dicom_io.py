@@ -75,29 +75,32 @@ def check_dicom_series(source: str | os.PathLike | Sequence) -> list:
     """Headers of one DICOM image series (a folder or a list of files), sorted along the slice normal.
 
     Raises:
-        DicomSeriesError: a file is not DICOM; the files belong to several series; a file has no pixel data (a
-            structured report or presentation state, say); the orientations differ (e.g. a localiser mixed in);
-            image sizes differ; or two slices share a position.
+        DicomSeriesError: a file is not DICOM, is truncated or lacks its UIDs; a file has no pixel data (a
+            structured report or presentation state, say); the files belong to several series; the orientations
+            differ (e.g. a localiser mixed in); image sizes differ; or two slices share a position.
     """
     import pydicom
 
     headers = []
     for path in _files(source):
         try:
-            header = pydicom.dcmread(path, defer_size="1 KB")  # pixel data stays on disk
+            header = pydicom.dcmread(path)
         except Exception as err:  # pydicom raises InvalidDicomError, EOFError, ...
             raise DicomSeriesError(f"'{path}' is not a readable DICOM file: {type(err).__name__}: {err}") from err
         header.filename = str(path)
+        missing = [keyword for keyword in ("SOPClassUID", "SeriesInstanceUID") if not header.get(keyword)]
+        if missing:
+            raise DicomSeriesError(f"'{path}' is not a complete DICOM file: it lacks {missing} (truncated?).")
+        if not any(keyword in header for keyword in _PIXEL_DATA):
+            raise DicomSeriesError(
+                f"'{path}' has no pixel data (SOP class {header.SOPClassUID}): it is not an image; give a folder "
+                "that holds only the image series."
+            )
+        _check_pixel_data_length(header)
         headers.append(header)
     series = sorted({str(header.get("SeriesInstanceUID", "")) for header in headers})
     if len(series) > 1:
         raise DicomSeriesError(f"the input holds {len(series)} series ({', '.join(series)}); give the files of one.")
-    for header in headers:
-        if not any(keyword in header for keyword in _PIXEL_DATA):
-            raise DicomSeriesError(
-                f"'{header.filename}' has no pixel data (SOP class {header.get('SOPClassUID', 'unknown')}): it is not "
-                "an image; give a folder that holds only the image series."
-            )
     first = headers[0]
     orientation = np.asarray(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
     for header in headers[1:]:
@@ -125,6 +128,23 @@ def check_dicom_series(source: str | os.PathLike | Sequence) -> list:
                 "duplicates or more than one acquisition."
             )
     return headers
+
+
+def _check_pixel_data_length(header) -> None:
+    """Refuse uncompressed pixel data shorter than its rows x columns x samples x frames (a truncated file, which
+    pydicom and ITK otherwise read without a word); then drop it from the header, ITK reads the pixels."""
+    if "PixelData" not in header or header.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    expected = (
+        int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
+        * int(header.get("NumberOfFrames", 1) or 1) * int(header.BitsAllocated) // 8
+    )  # fmt: skip
+    if len(header.PixelData) < expected:
+        raise DicomSeriesError(
+            f"'{header.filename}' is truncated: its pixel data has {len(header.PixelData)} bytes, "
+            f"{header.Rows} x {header.Columns} pixels need {expected}."
+        )
+    del header.PixelData
 
 
 def read_dicom_series(folder: str | os.PathLike) -> MetaTensor:
