@@ -156,6 +156,44 @@ def test_networks_match_declared_input_and_output(bundle_root):
         assert str(output.dtype).replace("torch.", "") == pred["dtype"]
 
 
+@pytest.mark.parametrize("bundle_root", BUNDLES, ids=BUNDLE_IDS)
+def test_networks_export_to_torchscript_or_say_why_not(bundle_root, tmp_path):
+    """The Model Zoo's export check: metadata's `torchscript` names each network "scripted" or "traced", and then
+    MONAI's ckpt_export must write a TorchScript file that computes what the network computes; or it says why the
+    network is "not exportable", and then scripting must indeed fail (so the note goes when the reason does)."""
+    from monai.bundle import ConfigParser, ckpt_export
+
+    manifest = harness.load_manifest(bundle_root)
+    meta_file = str(bundle_root / "configs/metadata.json")
+    metadata = json.loads(Path(meta_file).read_text())
+    assert set(metadata.get("torchscript", {})) == set(
+        manifest["networks"]
+    ), "metadata.torchscript must name every network"
+    configs = harness.config_paths(bundle_root, manifest["inference"]["config_files"], demo=False)
+    for network_id, spec in manifest["networks"].items():
+        parser = ConfigParser()
+        parser.read_config(configs)
+        network = parser.get_parsed_content(network_id).eval()
+        how = metadata["torchscript"][network_id]
+        if how.startswith("not exportable: "):
+            with pytest.raises(Exception):
+                torch.jit.script(network)
+            continue
+        assert how in ("scripted", "traced"), f"{network_id}: unknown torchscript note {how!r}"
+        image = metadata[spec["data_format"]]["inputs"]["image"]
+        shape = [1, image["num_channels"], *image["spatial_shape"]]
+        torch.save(network.state_dict(), tmp_path / f"{network_id}.pt")
+        ckpt_export(
+            net_id=network_id, filepath=str(tmp_path / f"{network_id}.ts"), ckpt_file=str(tmp_path / f"{network_id}.pt"),
+            meta_file=meta_file, config_file=configs, bundle_root=str(bundle_root), use_trace=how == "traced",
+            input_shape=shape if how == "traced" else None,
+        )  # fmt: skip
+        exported = torch.jit.load(str(tmp_path / f"{network_id}.ts"))
+        inputs = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(exported(inputs), network(inputs), rtol=1e-4, atol=1e-5)
+
+
 # --- workflows run end to end through `python -m monai.bundle run`, on a copy of the bundle and tiny demo data ---
 
 
