@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= $(THREADS)
 export OMP_WAIT_POLICY ?= PASSIVE
 export MEDGEN_NUM_THREADS ?= $(THREADS)
 
-.PHONY: setup demo test clean system-tools
+.PHONY: setup demo test clean system-tools test-monailabel
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,20 @@ system-tools:
 
 test: setup system-tools
 	$(PY) -m pytest -q
+
+# MONAI Label is optional and gets its own environment: monailabel needs torchvision, so a torch build that has one
+# (on x86_64 torch 2.14.1 + torchvision 0.29.1 lie on this disk; about 5.5 GB). Its SAM2 dependency is built against
+# that torch (no build isolation, no CUDA extension), so pip does not fetch another torch for the build.
+ML_VENV ?= .venv-monailabel
+ML_TORCH ?= torch==2.14.1 torchvision==0.29.1
+$(ML_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(ML_VENV)
+	$(ML_VENV)/bin/python -m pip install --quiet $(ML_TORCH) setuptools wheel
+	SAM2_BUILD_CUDA=0 $(ML_VENV)/bin/python -m pip install --quiet --no-build-isolation -e ".[test]" "monailabel==0.8.5"
+	touch $@
+
+test-monailabel: $(ML_VENV)/.installed
+	$(ML_VENV)/bin/python -m pytest -q tests/test_monailabel.py
 
 clean:
 	rm -rf demo .pytest_cache

@@ -199,23 +199,9 @@ def test_networks_export_to_torchscript_or_say_why_not(bundle_root, tmp_path):
 
 @pytest.fixture(scope="module", params=BUNDLES, ids=BUNDLE_IDS)
 def trained_bundle(request, tmp_path_factory):
-    """A copy of the bundle, its demo data (few subjects) and every training stage run for two iterations."""
-    source = request.param
-    manifest = harness.load_manifest(source)
-    work = tmp_path_factory.mktemp(source.name)
-    bundle_root = work / source.name
-    shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))
-    # few subjects; a bundle asks for more (``test_subjects``) where its splits need them, e.g. two per split for
-    # two torchrun ranks when a subject is a single frame
-    num_subjects = manifest["demo_data"].get("test_subjects", 4)
-    dataset_dir = harness.make_demo_dataset(manifest["demo_data"], work / "data", num_subjects=num_subjects)
-    overrides = dict(TEST_OVERRIDES, dataset_dir=str(dataset_dir))
-    for stage in manifest["training"]:
-        harness.run_workflow(
-            bundle_root, harness.config_paths(bundle_root, stage["config_files"]), run_id="training", overrides=overrides,
-            log_file=work / f"train_{stage['name']}.log",
-        )  # fmt: skip
-    return bundle_root, manifest, dataset_dir
+    """A copy of the bundle, its demo data (few subjects; a bundle asks for more with ``test_subjects`` where its
+    splits need them, e.g. two per split for two torchrun ranks) and every training stage run for two iterations."""
+    return harness.train_copy(request.param, tmp_path_factory.mktemp(request.param.name), TEST_OVERRIDES)
 
 
 def test_training_stages_write_loadable_checkpoints(trained_bundle):

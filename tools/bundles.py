@@ -102,7 +102,15 @@ def workflow_command(
     config_files = [str(Path(path).resolve()) for path in config_files]
     command = [sys.executable, "-m"]
     if nproc_per_node:
-        command += ["torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc_per_node), "-m"]
+        command += [
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc_per_node),
+            "-m",
+        ]
     command += [
         "monai.bundle", "run", run_id,
         "--meta_file", str(bundle_root / "configs" / "metadata.json"),
@@ -142,12 +150,16 @@ def run_workflow(
     command = workflow_command(bundle_root, config_files, run_id, overrides, nproc_per_node)
     environment = dict(env or worker_environment())
     if log_file is None:
-        result = subprocess.run(command, cwd=bundle_root, env=environment, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            command, cwd=bundle_root, env=environment, capture_output=True, text=True, timeout=timeout
+        )
         output = result.stdout + result.stderr
     else:  # written as it runs, so long runs can be followed with `tail -f`
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "w") as stream:
-            result = subprocess.run(command, cwd=bundle_root, env=environment, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout)
+            result = subprocess.run(
+                command, cwd=bundle_root, env=environment, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout
+            )
         output = Path(log_file).read_text(errors="replace")
     if result.returncode != 0:
         tail = "\n".join(output.splitlines()[-60:])
@@ -177,7 +189,9 @@ def _metadata_value(metadata: Mapping, path: str):
     return value
 
 
-def declared_shape_mismatches(bundle_root: Path, config_files: Sequence[str], overrides: Mapping | None = None) -> list[str]:
+def declared_shape_mismatches(
+    bundle_root: Path, config_files: Sequence[str], overrides: Mapping | None = None
+) -> list[str]:
     """Compare the shapes ``metadata.json`` declares with the values the configs give (``declared_shapes`` in the
     manifest maps metadata paths to config references). Returns one message per mismatch."""
     bundle_root = Path(bundle_root)
@@ -225,6 +239,27 @@ def make_demo_dataset(demo_data: Mapping, out_dir: Path, num_subjects: int | Non
     return Path(out_dir) / demo_data["dataset_subdir"]
 
 
+def train_copy(
+    source: Path, work: Path, overrides: Mapping, num_subjects: int | None = None
+) -> tuple[Path, dict, Path]:
+    """Copy a bundle into ``work`` (without models or outputs), generate its demo data there (``num_subjects``, or the
+    manifest's ``test_subjects``, default 4) and run every training stage with ``overrides`` (e.g. two iterations);
+    returns the copy's root, its manifest and the dataset folder. The tests' trained bundles come from here."""
+    import shutil
+
+    manifest = load_manifest(source)
+    bundle_root = Path(work) / source.name
+    shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))
+    subjects = num_subjects or manifest["demo_data"].get("test_subjects", 4)
+    dataset_dir = make_demo_dataset(manifest["demo_data"], Path(work) / "data", num_subjects=subjects)
+    for stage in manifest["training"]:
+        run_workflow(
+            bundle_root, config_paths(bundle_root, stage["config_files"]), run_id="training",
+            overrides={**overrides, "dataset_dir": str(dataset_dir)}, log_file=Path(work) / f"train_{stage['name']}.log",
+        )  # fmt: skip
+    return bundle_root, manifest, dataset_dir
+
+
 def check_output_files(paths: Sequence[Path], num_channels: int, spatial_shape: Sequence[int], dtype: str) -> None:
     """Check written NIfTI outputs (channel last on disk) against the declared channels, spatial shape and dtype.
 
@@ -239,5 +274,7 @@ def check_output_files(paths: Sequence[Path], num_channels: int, spatial_shape: 
         expected = list(spatial_shape) + ([1] if len(spatial_shape) == 2 else []) + [num_channels]
         if num_channels == 1 and len(shape) == len(expected) - 1:
             expected = expected[:-1]
-        assert shape == expected, f"'{path}' has shape {shape}, declared {expected} (spatial {list(spatial_shape)}, {num_channels} channels)"
+        assert (
+            shape == expected
+        ), f"'{path}' has shape {shape}, declared {expected} (spatial {list(spatial_shape)}, {num_channels} channels)"
         assert str(image.get_data_dtype()) == dtype, f"'{path}' is {image.get_data_dtype()}, declared {dtype}"
