@@ -42,13 +42,14 @@ test: setup system-tools
 
 # MONAI Label is optional and gets its own environment: monailabel needs torchvision, so a torch build that has one
 # (on x86_64 torch 2.14.1 + torchvision 0.29.1 lie on this disk; about 5.5 GB). Its SAM2 dependency is built against
-# that torch (no build isolation, no CUDA extension), so pip does not fetch another torch for the build.
+# that torch (no build isolation, no CUDA extension), so pip does not fetch another torch for the build; its
+# DICOM-SEG writer (pydicom-seg) still needs pydicom 2.
 ML_VENV ?= .venv-monailabel
 ML_TORCH ?= torch==2.14.1 torchvision==0.29.1
 $(ML_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(ML_VENV)
 	$(ML_VENV)/bin/python -m pip install --quiet $(ML_TORCH) setuptools wheel
-	SAM2_BUILD_CUDA=0 $(ML_VENV)/bin/python -m pip install --quiet --no-build-isolation -e ".[test]" "monailabel==0.8.5"
+	SAM2_BUILD_CUDA=0 $(ML_VENV)/bin/python -m pip install --quiet --no-build-isolation -e ".[test]" "monailabel==0.8.5" "pydicom<3"
 	touch $@
 
 test-monailabel: $(ML_VENV)/.installed
