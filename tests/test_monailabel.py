@@ -52,7 +52,9 @@ def served(tmp_path_factory):
     command = [str(monailabel), "start_server", "--app", str(APP), "--studies", str(studies), "--host", "127.0.0.1",
                "--port", str(port), "--conf", "bundles_dir", str(work / "served"), "--conf", "demo", "true"]  # fmt: skip
     log = open(work / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=harness.worker_environment())
+    env = harness.worker_environment()
+    env["PATH"] = f"{monailabel.parent}:{env['PATH']}"  # the monailabel script runs the `python` it finds first
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
