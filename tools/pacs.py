@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 
 from medgen_common.dicom_io import SyntheticSeries, read_dicom_series, write_dicom_series
 from medgen_common.writers import save_nifti, write_json
@@ -126,8 +127,6 @@ def run(
     }  # fmt: skip
     configs = harness.config_paths(bundle_dir, manifest["inference"]["config_files"], demo=demo)
     harness.run_workflow(bundle_dir, configs, overrides=values, log_file=work_dir / "inference.log")
-
-    import pydicom
 
     series = None
     stored = {}
