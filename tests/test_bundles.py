@@ -461,3 +461,34 @@ def test_pacs_round_trip_pulls_a_study_runs_inference_and_stores_a_synthetic_ser
     produced = np.moveaxis(np.asarray(LoadImage(image_only=True)(tmp_path / "work" / "output" / output_name)), -1, 0)
     np.testing.assert_allclose(dataset.pixel_array.transpose(2, 1, 0) / 255.0, produced.reshape(3, *produced.shape[1:3]),
                                atol=0.5 / 255 + 1e-6)  # fmt: skip
+
+
+def test_nfe_sweep_reports_quality_and_cost_against_the_reference(trained_bundle, tmp_path):
+    """tools.nfe_sweep on the trained bundle's own evaluation: the reference row first, NFE as counted, each
+    declared metric read from the report, and the relative change from the reference (zero for the reference)."""
+    bundle_root, manifest, dataset_dir = trained_bundle
+    if "nfe_sweep" not in manifest:
+        pytest.skip(f"{bundle_root.name} declares no NFE-sweep metrics")
+    from tools import nfe_sweep
+
+    overrides = dict(TEST_INFERENCE_OVERRIDES, dataset_dir=str(dataset_dir))
+    overrides.update(manifest["evaluate"].get("test_overrides", {}))
+    for key in ("num_inference_steps", "num_samples", "batch_size"):
+        overrides.pop(key)
+    result = nfe_sweep.sweep(bundle_root, "ddim", [2, 3], "ddpm", 4, tmp_path, overrides, images=1)
+    assert [(row["sampler"], row["steps"], row["nfe"]) for row in result["rows"]] == [
+        ("ddpm", 4, 4),
+        ("ddim", 2, 2),
+        ("ddim", 3, 3),
+    ]
+    labels = list(manifest["nfe_sweep"]["metrics"])
+    for row in result["rows"]:
+        report = json.loads(
+            (tmp_path / f"{row['sampler']}_{row['steps']}" / manifest["evaluate"]["report"]).read_text()
+        )
+        assert row["metrics"] == {
+            label: nfe_sweep._metric(report, manifest["nfe_sweep"]["metrics"][label]) for label in labels
+        }
+        assert row["images_per_second"] > 0
+    assert all(value == 0 for value in result["rows"][0]["relative_change"].values())
+    assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | NFE | images/s |")
