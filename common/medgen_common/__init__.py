@@ -21,6 +21,7 @@ _SUBMODULES = (
     "datalist",
     "demo_data",
     "dicom_io",
+    "edges",
     "downstream_statistics",
     "elastography",
     "elastography_evaluation",
