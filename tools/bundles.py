@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -182,8 +183,9 @@ def parse_config_values(
     return {identifier: parser.get_parsed_content(identifier) for identifier in ids}
 
 
-def _metadata_value(metadata: Mapping, path: str):
-    value = metadata
+def value_at(content: Mapping, path: str):
+    """The value at a ``#``-separated path of nested mappings (MONAI's id separator), e.g. in metadata or a report."""
+    value = content
     for part in path.split("#"):
         value = value[part]
     return value
@@ -201,7 +203,7 @@ def declared_shape_mismatches(
     mismatches = []
     for path, reference in declared.items():
         expected = values[reference.lstrip("@")]
-        stated = _metadata_value(metadata, path)
+        stated = value_at(metadata, path)
         if json.loads(json.dumps(stated)) != json.loads(json.dumps(expected)):
             mismatches.append(f"metadata '{path}' is {stated} but the config gives {reference} = {expected}")
     return mismatches
@@ -245,8 +247,6 @@ def train_copy(
     """Copy a bundle into ``work`` (without models or outputs), generate its demo data there (``num_subjects``, or the
     manifest's ``test_subjects``, default 4) and run every training stage with ``overrides`` (e.g. two iterations);
     returns the copy's root, its manifest and the dataset folder. The tests' trained bundles come from here."""
-    import shutil
-
     manifest = load_manifest(source)
     bundle_root = Path(work) / source.name
     shutil.copytree(source, bundle_root, ignore=shutil.ignore_patterns("models", "eval", "output"))

@@ -1,14 +1,14 @@
 """Quality against cost for a trained diffusion bundle: its own evaluation at each step count, and images/s there.
 
-    python -m tools.nfe_sweep --bundle-dir demo/brainspade_label_ldm/bundle --sampler ddim \\
-        --steps 10 20 50 100 200 1000 [--reference-steps 1000] [--out nfe_sweep.json] [--override key=value ...]
+    python -m tools.nfe_sweep --bundle-dir demo/brainspade_label_ldm/bundle --sampler ddim --steps 10 20 50 100 200 \
+        [--reference-sampler ddpm --reference-steps 1000] [--out folder] [--override dataset_dir=demo/... ...]
 
 For every step count the bundle's ``evaluate`` workflow runs with ``scheduler_name`` and ``num_inference_steps``
 overridden (same seed), and the domain metrics its ``workflows.json`` names (``nfe_sweep.metrics``: label -> path in
 the evaluation report, ``#``-separated) are read from the report; ``tools.benchmark`` times the bundle's inference
 at the same setting. Each metric is compared with its value under the reference sampler (DDPM on the 1000-step
-training grid by default), as EDM-Lx's Figs. 3-4 plot quality against NFE and images/s. The JSON and a Markdown table for the bundle's README are
-written.
+training grid by default), as EDM-Lx's Figs. 3-4 plot quality against NFE and images/s. The JSON and a Markdown
+table for the bundle's README are written to the output folder.
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ from tools import benchmark
 from tools import bundles as harness
 
 
-def _metric(report: dict, path: str) -> float:
-    value = report
-    for key in path.split("#"):
-        value = value[key]
-    return float(value)
-
-
 def _evaluate(bundle_dir, manifest, configs, sampler, num_steps, out_dir, overrides, images) -> dict:
     """One row: the evaluation report's metrics and the inference cost at (sampler, steps)."""
     output_dir = out_dir / f"{sampler}_{num_steps}"
@@ -40,7 +33,7 @@ def _evaluate(bundle_dir, manifest, configs, sampler, num_steps, out_dir, overri
     seconds = time.perf_counter() - started
     report = json.loads((output_dir / manifest["evaluate"]["report"]).read_text())
     cost = benchmark.benchmark_bundle(bundle_dir, [sampler], [num_steps], images, "cpu", overrides, 1, 1)["rows"][0]
-    metrics = {label: _metric(report, path) for label, path in manifest["nfe_sweep"]["metrics"].items()}
+    metrics = {label: float(harness.value_at(report, path)) for label, path in manifest["nfe_sweep"]["metrics"].items()}
     return {"sampler": sampler, "steps": num_steps, "nfe": cost["nfe"], "images_per_second": cost["images_per_second"],
             "evaluation_seconds": seconds, "metrics": metrics}  # fmt: skip
 

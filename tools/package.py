@@ -87,7 +87,7 @@ def package_bundle(bundle_dir: Path, out_dir: Path, models_from: Path | None = N
     bundle_dir, name = Path(bundle_dir), Path(bundle_dir).name
     metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     version = metadata["version"]
-    required = {key: value for key, value in metadata.get("required_packages_version", {}).items()}
+    required = dict(metadata.get("required_packages_version", {}))
     required.pop(PROJECT_DISTRIBUTION, None)  # vendored instead
     required.update({key: value for key, value in vendored_requirements().items() if key not in required})
     required.setdefault("fire", importlib.metadata.version("fire"))  # MONAI's command line runs on it

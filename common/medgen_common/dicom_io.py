@@ -5,8 +5,8 @@ Reading checks the series first (one series, pixel data in every file, one orien
 and then reads it with MONAI's ``ITKReader``, so geometry follows MONAI's conventions: ``[1, X, Y, Z]`` with a
 RAS ``affine`` in ``meta``.
 
-Every written series is marked as what it is: ``ImageType`` DERIVED\\SECONDARY (SEG: DERIVED\\PRIMARY, which its
-IOD requires), a ``SeriesDescription`` starting with ``SYNTHETIC`` that names the bundle and its version, a
+Every written series is marked as what it is: ``ImageType`` DERIVED\\SECONDARY\\OTHER (SEG: DERIVED\\PRIMARY, which
+its IOD requires), a ``SeriesDescription`` starting with ``SYNTHETIC`` that names the bundle and its version, a
 ``DerivationDescription``, and new Study, Series, SOP Instance and Frame of Reference UIDs. No attribute that
 identifies the patient of an input study is copied unless ``copy_patient=True`` is passed: by default the patient
 is ``SYNTHETIC^<bundle>`` with an ID derived from the new study UID.

@@ -294,7 +294,7 @@ class SafeLoadImaged(LoadImaged):
     def __call__(self, data, reader=None):
         try:
             d = super().__call__(data, reader)
-        except Exception as err:
+        except Exception:
             for key in self.key_iterator(dict(data)):  # find the file that failed to name it
                 read_image_file(self._loader, data[key], key)
             raise  # every file reads alone: not a file problem
