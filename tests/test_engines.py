@@ -8,6 +8,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.losses import FocalLoss
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.schedulers import DDPMScheduler
 
 from medgen_common.engines import (
     AdversarialReferee,
@@ -54,7 +55,9 @@ def test_kl_divergence_is_zero_for_standard_normal_and_positive_otherwise():
 def test_autoencoder_gan_trainer_learns_a_fixed_batch():
     torch.manual_seed(0)
     labels = _label_batch()
-    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(spatial_dims=2, in_channels=4, channels=8, num_layers_d=2)
+    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(
+        spatial_dims=2, in_channels=4, channels=8, num_layers_d=2
+    )
     trainer = AutoencoderGanTrainer(
         device="cpu", max_epochs=40, train_data_loader=[{"label": labels}], autoencoder=autoencoder,
         discriminator=discriminator, g_optimizer=torch.optim.Adam(autoencoder.parameters(), 1e-3),
@@ -74,7 +77,9 @@ def test_autoencoder_gan_trainer_learns_a_fixed_batch():
 
 def test_adversarial_terms_wait_for_warmup():
     labels = _label_batch()
-    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(spatial_dims=2, in_channels=4, channels=8, num_layers_d=2)
+    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(
+        spatial_dims=2, in_channels=4, channels=8, num_layers_d=2
+    )
     trainer = AutoencoderGanTrainer(
         device="cpu", max_epochs=3, train_data_loader=[{"image": labels}], autoencoder=autoencoder, discriminator=discriminator,
         g_optimizer=torch.optim.Adam(autoencoder.parameters(), 1e-3), d_optimizer=torch.optim.Adam(discriminator.parameters(), 1e-3),
@@ -165,10 +170,17 @@ def test_pretrained_perceptual_loss_without_weights_fails_clearly(tmp_path):
 
 
 def test_sample_specs_are_reproducible_and_follow_ranges():
-    specs = make_sample_specs(200, seed=7, condition_low=[0.2, 0.0], condition_high=[0.4, 0.0], condition_probability=0.5)
-    again = make_sample_specs(200, seed=7, condition_low=[0.2, 0.0], condition_high=[0.4, 0.0], condition_probability=0.5)
+    specs = make_sample_specs(
+        200, seed=7, condition_low=[0.2, 0.0], condition_high=[0.4, 0.0], condition_probability=0.5
+    )
+    again = make_sample_specs(
+        200, seed=7, condition_low=[0.2, 0.0], condition_high=[0.4, 0.0], condition_probability=0.5
+    )
     values = torch.stack([torch.as_tensor(s["lesion_size_condition"]) for s in specs]).reshape(200, 2)
-    assert all((s["seed"] == t["seed"]) and (s["lesion_size_condition"] == t["lesion_size_condition"]).all() for s, t in zip(specs, again))
+    assert all(
+        (s["seed"] == t["seed"]) and (s["lesion_size_condition"] == t["lesion_size_condition"]).all()
+        for s, t in zip(specs, again)
+    )
     on = values[:, 0] > 0
     assert 70 < int(on.sum()) < 130 and values[on, 0].min() >= 0.2 and values[on, 0].max() <= 0.4
     assert torch.all(values[:, 1] == 0)
@@ -195,6 +207,31 @@ def test_schedulers_share_the_training_betas_and_do_not_clip(name):
     torch.testing.assert_close(scheduler.betas, reference.betas)
     assert scheduler.betas[0].item() == pytest.approx(0.0015) and scheduler.betas[-1].item() == pytest.approx(0.0195)
     assert getattr(scheduler, "clip_sample", False) is False
+
+
+def _gaussian_sample_std(scheduler, num_steps: int, data_std: float = 0.5) -> float:
+    """Std of 20,000 samples drawn with the exact epsilon of x0 ~ N(0, data_std^2) on ``num_steps`` steps."""
+    scheduler.set_timesteps(num_steps)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2000, 1, 10, generator=generator, dtype=torch.float64)  # [B, C, spatial]
+    for t in scheduler.timesteps:
+        alpha_bar = scheduler.alphas_cumprod[t].double()
+        epsilon = (1 - alpha_bar).sqrt() * sample / (alpha_bar * data_std**2 + 1 - alpha_bar)
+        sample, _ = scheduler.step(epsilon, t, sample, generator=generator)
+    return sample.std().item()
+
+
+def test_ddpm_is_refused_off_the_training_grid_where_monai_s_step_is_wrong():
+    """With the exact denoiser of a Gaussian, DDPM on the full grid recovers the data std, and DDIM(eta 1) approaches
+    it as steps are added; MONAI's DDPM step on a skipped grid overshoots and does not converge (it uses one-step
+    coefficients), so make_scheduler refuses it."""
+    assert _gaussian_sample_std(make_scheduler("ddpm"), 1000) == pytest.approx(0.5, rel=0.03)
+    ddim_errors = [abs(_gaussian_sample_std(make_scheduler("ddim", eta=1.0), n) - 0.5) for n in (50, 200)]
+    assert ddim_errors[1] < ddim_errors[0] and ddim_errors[1] < 0.03
+    monai_ddpm = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+    assert all(_gaussian_sample_std(monai_ddpm, n) > 0.6 for n in (50, 200))  # measured 0.70 and 0.65
+    with pytest.raises(ValueError, match="'ddpm' samples only on the 1000-step training grid.*use 'ddim' with eta 1"):
+        make_scheduler("ddpm").set_timesteps(50)
 
 
 def test_unknown_scheduler_is_rejected():
@@ -249,7 +286,9 @@ def test_sampler_pads_latents_crops_back_and_returns_probability_maps():
         autoencoder, make_scheduler("ddim"), num_inference_steps=3, spacing=[2.0, 2.0],
         ldm_latent_shape=[12, 12], autoencoder_latent_shape=[10, 10], verbose=False,
     )  # fmt: skip
-    noise, _, _, kwargs = SeededNoisePrepareBatch([2, 12, 12], "c")({"seed": torch.tensor([0, 1]), "c": torch.zeros(2, 1, 4)})
+    noise, _, _, kwargs = SeededNoisePrepareBatch([2, 12, 12], "c")(
+        {"seed": torch.tensor([0, 1]), "c": torch.zeros(2, 1, 4)}
+    )
     output = sampler(noise, unet, **kwargs)
     assert output.shape == (2, 4, 20, 20)  # latent 12 cropped to 10, decoded to 20
     torch.testing.assert_close(output.sum(1), torch.ones(2, 20, 20))
@@ -258,7 +297,9 @@ def test_sampler_pads_latents_crops_back_and_returns_probability_maps():
         autoencoder, make_scheduler("ddim", eta=1.0), num_inference_steps=3, ldm_latent_shape=[12, 12],
         autoencoder_latent_shape=[10, 10], verbose=False,
     )  # fmt: skip
-    torch.testing.assert_close(stochastic(noise, unet, **kwargs), stochastic(noise, unet, **kwargs))  # seeded step noise
+    torch.testing.assert_close(
+        stochastic(noise, unet, **kwargs), stochastic(noise, unet, **kwargs)
+    )  # seeded step noise
     assert float(output.meta["affine"][0, 0, 0]) == 2.0
 
 
@@ -300,7 +341,9 @@ def test_referee_gates_generator_and_discriminator_by_recent_accuracy():
 
 def test_trainer_freezes_the_discriminator_while_the_referee_says_it_is_winning():
     labels = _label_batch()
-    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(spatial_dims=2, in_channels=4, channels=8, num_layers_d=2)
+    autoencoder, discriminator = _tiny_autoencoder(), PatchDiscriminator(
+        spatial_dims=2, in_channels=4, channels=8, num_layers_d=2
+    )
     referee = AdversarialReferee(n_steps=1, lower=0.0, upper=0.0)  # after one measurement D always counts as winning
     trainer = AutoencoderGanTrainer(
         device="cpu", max_epochs=3, train_data_loader=[{"image": labels}], autoencoder=autoencoder, discriminator=discriminator,
@@ -309,9 +352,12 @@ def test_trainer_freezes_the_discriminator_while_the_referee_says_it_is_winning(
     )  # fmt: skip
     snapshots = []
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda engine: snapshots.append([p.detach().clone() for p in discriminator.parameters()])
+        Events.ITERATION_COMPLETED,
+        lambda engine: snapshots.append([p.detach().clone() for p in discriminator.parameters()]),
     )
     trainer.run()
-    changed = [any(not torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(snapshots, snapshots[1:])]
+    changed = [
+        any(not torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(snapshots, snapshots[1:])
+    ]
     assert changed == [False, False]  # trained in step 1 (no measurement yet), frozen in steps 2 and 3
     assert 0.0 <= float(trainer.state.output["discriminator_accuracy"]) <= 1.0
