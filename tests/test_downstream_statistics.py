@@ -16,6 +16,7 @@ from medgen_common.downstream_statistics import (
     delta_auroc_ci,
     macro_auroc,
     mix_training_items,
+    patch_mask,
     patch_mix,
 )
 
@@ -101,12 +102,45 @@ def test_mixing_modes_keep_or_swap_real_items():
         mix_training_items(real, synthetic, "interleave")
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
-def test_patch_mix_replaces_the_asked_fraction_of_whole_tiles(alpha):
-    real, synthetic = torch.zeros(3, 1, 16, 16), torch.ones(3, 1, 16, 16)
-    mixed = patch_mix(real, synthetic, alpha, 4, torch.Generator().manual_seed(0))
-    tiles = mixed.view(3, 1, 4, 4, 4, 4).permute(0, 1, 2, 4, 3, 5).reshape(3, 16, 16)
-    assert torch.all((tiles.amin(-1) == tiles.amax(-1)))  # every tile is all real or all synthetic
-    assert torch.allclose(mixed.mean((1, 2, 3)), torch.full((3,), alpha))
-    if 0 < alpha < 1:
-        assert not torch.equal(mixed[0], mixed[1])  # tiles are drawn per image
+def test_patch_mask_is_block_constant_and_real_with_probability_alpha():
+    generator = torch.Generator().manual_seed(0)
+    mask = patch_mask(400, 16, 16, 0.3, 4, generator)
+    assert mask.shape == (400, 1, 16, 16) and mask.dtype == torch.bool
+    cells = mask.view(400, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(400, 16, 16)
+    assert torch.equal(cells.all(-1), cells.any(-1))  # every 4 x 4 cell is all real or all synthetic
+    assert mask.float().mean().item() == pytest.approx(0.3, abs=0.02)
+    whole = patch_mask(200, 16, 16, 0.5, 16, generator).flatten(1)
+    assert torch.equal(whole.all(1), whole.any(1)) and 0 < whole.all(1).sum() < 200  # whole images chosen
+    pixels = patch_mask(1, 32, 32, 0.5, 1, generator)
+    assert torch.any(pixels[..., :-1] != pixels[..., 1:])  # neighbouring pixels differ: pixel-wise mixing
+    assert patch_mask(2, 7, 9, 0.5, 4, generator).shape == (2, 1, 7, 9)  # sizes not a multiple of p are cropped
+    with pytest.raises(ValueError, match="alpha"):
+        patch_mask(1, 8, 8, 1.5, 4)
+
+
+def test_patch_mix_takes_real_pixels_where_the_mask_is_one_and_synthetic_elsewhere():
+    real, synthetic = torch.rand(3, 1, 16, 16), torch.rand(3, 1, 16, 16) + 2
+    mixed = patch_mix(real, synthetic, 0.5, 4, torch.Generator().manual_seed(5))
+    mask = patch_mask(3, 16, 16, 0.5, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(mixed[mask.expand_as(mixed)], real[mask.expand_as(real)])
+    assert torch.equal(mixed[~mask.expand_as(mixed)], synthetic[~mask.expand_as(synthetic)])
+    assert torch.equal(patch_mix(real, synthetic, 1.0, 4), real)
+    assert torch.equal(patch_mix(real, synthetic, 0.0, 4), synthetic)
+    with pytest.raises(ValueError, match="both be"):
+        patch_mix(real, synthetic[:2], 0.5, 4)
+
+
+def test_delta_auroc_resamples_patients_when_given_groups():
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(20), 5)
+    labels = np.repeat(rng.integers(0, 2, 20), 5)
+    # scores share a per-patient offset, as images of one patient do, so its five images are not five cases
+    good = np.stack([1 - labels, labels + np.repeat(rng.normal(0, 0.5, 20), 5) + rng.normal(0, 0.1, 100)], 1)
+    poor = np.stack([1 - labels, labels + np.repeat(rng.normal(0, 2.0, 20), 5) + rng.normal(0, 0.1, 100)], 1)
+    by_case = delta_auroc_ci(good, poor, labels, num_resamples=400)
+    by_patient = delta_auroc_ci(good, poor, labels, num_resamples=400, groups=patients)
+    assert by_patient["delta"] == by_case["delta"] and (by_case["n"], by_patient["n"]) == (100, 20)
+    # the patient-level interval is the honest, wider one
+    assert by_patient["high"] - by_patient["low"] > by_case["high"] - by_case["low"]
+    with pytest.raises(ValueError, match="one per case"):
+        delta_auroc_ci(good, poor, labels, groups=patients[:10])

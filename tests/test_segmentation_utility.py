@@ -15,6 +15,7 @@ from medgen_common.segmentation_utility import (
     SliceSegmenter,
     compare_training_sets,
     evaluate_segmenter,
+    format_summary_table,
     format_table,
     group_by_subject,
     items_for_contrast,
@@ -264,6 +265,24 @@ def test_evaluation_groups_flat_items_by_subject_and_scores_in_3d():
     assert scores["mean_hd95"] == {"fg": 0.0} and scores["mean_assd"] == {"fg": 0.0}  # perfect: no surface distance
 
 
+def test_per_image_scores_average_the_2d_images_of_a_subject_instead_of_pooling_them():
+    """Two frames of one subject: the label of the second marks only the 2 x 2 corner of its 6 x 6 square. Pooled in
+    3D, Dice is 2 * 40 / (72 + 40); per image it is the mean of 1 and 2 * 4 / (36 + 4)."""
+    perfect, partial = _square_item("sub-a", 0, 6), _square_item("sub-a", 1, 6)
+    x, y = np.mgrid[:8, :8]
+    corner = (x < 2) & (y < 2)
+    partial["label"] = np.stack([~corner, corner], axis=-1).astype(np.float32)
+    settings = {"class_channels": [0, 1], "merge_into": 0, "class_names": ["bg", "fg"]}
+    pooled = evaluate_segmenter(NonZeroIsForeground(), [perfect, partial], **settings)
+    per_image = evaluate_segmenter(NonZeroIsForeground(), [perfect, partial], per_image=True, **settings)
+    assert pooled["mean"]["fg"] == pytest.approx(80 / 112)
+    assert per_image["mean"]["fg"] == pytest.approx((1 + 8 / 40) / 2)
+    assert (
+        per_image["mean_hd95"]["fg"] > 0
+        and per_image["per_subject_hd95"]["sub-a"]["fg"] == per_image["mean_hd95"]["fg"]
+    )
+
+
 # --- the comparison: useful and useless training data ----------------------------------------------------------------
 
 
@@ -307,6 +326,18 @@ def test_table_lists_each_training_set_with_dice_and_ratio(comparison):
     assert real_row[:2] == ["real", str(NUM_TRAINING_SLICES)]
     assert real_row[2] == f"{comparison['mean_dice']['real']['csf']:.3f} (1.00)"
     assert lines[5].startswith("| inverted")
+
+
+def test_summary_table_gives_class_mean_dice_surface_distances_and_the_paired_difference(comparison):
+    lines = format_summary_table(comparison).splitlines()
+    assert "3 test subjects" in lines[0]
+    real, inverted = ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:6])
+    mean_dice = np.mean([comparison["mean_dice"]["real"][t] for t in TISSUES])
+    assert real[:2] == ["real", str(NUM_TRAINING_SLICES)] and real[2].startswith(f"{mean_dice:.3f} [")
+    assert real[3] == "–" and inverted[0] == "inverted"
+    delta, low, high = (float(v) for v in inverted[3].replace("[", "").replace("]", "").replace(",", "").split())
+    assert delta < 0 and low <= delta <= high and high < 0  # the inverted set is worse on every subject
+    assert float(inverted[4].split()[0]) > float(real[4].split()[0])  # and its surfaces are further off
 
 
 # --- determinism -----------------------------------------------------------------------------------------------------
@@ -370,7 +401,7 @@ def test_nan_in_an_image_or_label_names_the_item(tmp_path):
     (bad_label,) = _items(seed=9, count=1)
     bad_label["label"][0, 0, 0, 2] = np.nan
     (stored,) = _on_disk([bad_label], tmp_path)
-    expected = r"test item \(subject 'sub-000', slice 0\): the label '.*sub-000_z000_label\.nii\.gz' contains NaN"
+    expected = r"test item \(subject 'sub-000', slice 0\): 'label' from '.*sub-000_z000_label\.nii\.gz' contains NaN"
     with pytest.raises(ValueError, match=expected):
         evaluate_segmenter(NonZeroIsForeground(), [stored], CLASS_CHANNELS, merge_into=3)
 
@@ -391,3 +422,56 @@ def test_contrast_items_take_the_image_from_the_named_contrast():
     assert item["image"] == "a_t2.nii.gz" and item["label"] == "a_label.nii.gz" and item["slice_index"] == 3
     with pytest.raises(ValueError, match=r"entry 0 has no 'flair' image"):
         items_for_contrast(entries, "flair")
+
+
+# --- patch mixing ----------------------------------------------------------------------------------------------------
+
+
+class RecordingSegmenter(SliceSegmenter):
+    """The default segmenter, keeping every training input it is given."""
+
+    def __init__(self):
+        super().__init__(num_classes=2, channels=(4, 8))
+        self.inputs = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(images.detach().clone())
+        return super().forward(images)
+
+
+def test_patch_mixing_trains_on_real_and_synthetic_patches_of_the_same_slice():
+    """Real slices are 0, their synthetic counterparts 1 (2 and 3 for the second item's two): every training input
+    is block-constant on 4 x 4 patches, real with probability alpha, and only an item's own counterparts appear."""
+    label = np.zeros((16, 16, 1), dtype=np.uint8)
+    label[4:12, 4:12] = 1
+    items = [
+        {"image": np.zeros((16, 16), np.float32), "label": label, "synthetic_images": [np.ones((16, 16), np.float32)]},
+        {"image": np.full((16, 16), 10.0, np.float32), "label": label,
+         "synthetic_images": [np.full((16, 16), 2.0, np.float32), np.full((16, 16), 3.0, np.float32)]},
+    ]  # fmt: skip
+    network = RecordingSegmenter()
+    settings = {"label_format": "index", "normalisation": "none", "steps": 40, "batch_size": 2}
+    train_segmenter(items, [0, 1], 0, network=network, patch_mixing={"alpha": 0.25, "patch_size": 4}, **settings)
+    inputs = torch.cat(network.inputs)[:, 0]
+    cells = inputs.view(-1, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16, 16)
+    assert torch.equal(cells.amin(-1), cells.amax(-1))  # block-constant on the patch grid
+    values = set(torch.unique(inputs).tolist())
+    assert values == {0.0, 1.0, 2.0, 3.0, 10.0}
+    first, second = inputs[inputs.amax((1, 2)) <= 1], inputs[inputs.amax((1, 2)) > 1]
+    assert not torch.isin(second, torch.tensor([0.0, 1.0])).any()  # never another item's counterpart
+    real_fraction = torch.cat([(first == 0).flatten(), (second == 10).flatten()]).float().mean().item()
+    assert real_fraction == pytest.approx(0.25, abs=0.05)
+
+
+def test_patch_mixing_needs_synthetic_counterparts_for_every_item(test_items):
+    items = _items(seed=5, count=4)
+    for item in items[:3]:
+        item["synthetic_images"] = [item["image"]]
+    with pytest.raises(ValueError, match=r"training set 'mixed' item 3 .* has no 'synthetic_images'"):
+        compare_training_sets(
+            {"real": items, "mixed": items}, test_items, CLASS_CHANNELS, merge_into=3,
+            patch_mixing={"mixed": {"alpha": 0.5, "patch_size": 4}},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="names the training set 'other'"):
+        compare_training_sets({"real": items}, test_items, CLASS_CHANNELS, merge_into=3,
+                              patch_mixing={"other": {"alpha": 0.5, "patch_size": 4}})  # fmt: skip

@@ -8,7 +8,7 @@ patient are not independent, and CIs over them would be too narrow.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +20,11 @@ __all__ = [
     "roc_auc",
     "auroc",
     "macro_auroc",
+    "bootstrap_metric_ci",
     "delta_auroc_ci",
     "class_matched_indices",
     "mix_training_items",
+    "patch_mask",
     "patch_mix",
     "MIXING_MODES",
 ]
@@ -100,6 +102,39 @@ def macro_auroc(probabilities: torch.Tensor | np.ndarray, labels: Sequence[int] 
     return float(np.nanmean(values)) if any(math.isfinite(v) for v in values) else math.nan
 
 
+def bootstrap_metric_ci(
+    metric: Callable[[np.ndarray], float],
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence | None = None,
+    num_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``metric(index)`` of the cases at ``index`` (an int array) on all cases, with a percentile bootstrap CI over
+    resampled patients: ``{"value", "low", "high", "n"}`` (``n``: patients). ``groups`` (one patient id per case)
+    resamples patients with all their cases; without it every case is its own patient. Resamples missing a class of
+    ``labels`` are redrawn, so an AUROC is always defined."""
+    labels = np.asarray(labels)
+    if groups is None:
+        members = [np.array([index]) for index in range(len(labels))]
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != len(labels):
+            raise ValueError(f"groups has {len(groups)} entries for {len(labels)} cases; give one per case.")
+        members = [np.flatnonzero(groups == group) for group in dict.fromkeys(groups.tolist())]
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    values = []
+    while len(values) < num_resamples:
+        index = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if len(np.unique(labels[index])) == len(classes):
+            values.append(metric(index))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    value = metric(np.arange(len(labels)))
+    return {"value": float(value), "low": float(low), "high": float(high), "n": len(members)}
+
+
 def delta_auroc_ci(
     probabilities: torch.Tensor | np.ndarray,
     reference_probabilities: torch.Tensor | np.ndarray,
@@ -107,30 +142,25 @@ def delta_auroc_ci(
     num_resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> dict[str, float]:
     """Macro-AUROC of ``probabilities`` minus that of ``reference_probabilities`` on the same cases, with a paired
-    case bootstrap CI (MediSyn's ΔAUROC): ``{"delta", "low", "high", "n"}``. Resamples missing a class are redrawn."""
+    bootstrap CI (MediSyn's ΔAUROC): ``{"delta", "low", "high", "n"}``; ``groups`` resamples patients, see
+    :func:`bootstrap_metric_ci`."""
     probabilities, reference_probabilities = np.asarray(probabilities), np.asarray(reference_probabilities)
     labels = np.asarray(labels)
     if probabilities.shape != reference_probabilities.shape:
         raise ValueError(
             f"both models must score the same cases: {probabilities.shape} vs {reference_probabilities.shape}."
         )
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    deltas = []
-    while len(deltas) < num_resamples:
-        index = rng.integers(0, len(labels), len(labels))
-        if len(np.unique(labels[index])) < len(classes):
-            continue
-        deltas.append(
-            macro_auroc(probabilities[index], labels[index])
-            - macro_auroc(reference_probabilities[index], labels[index])
+
+    def delta(index: np.ndarray) -> float:
+        return macro_auroc(probabilities[index], labels[index]) - macro_auroc(
+            reference_probabilities[index], labels[index]
         )
-    alpha = (1 - level) / 2
-    low, high = np.quantile(deltas, [alpha, 1 - alpha])
-    delta = macro_auroc(probabilities, labels) - macro_auroc(reference_probabilities, labels)
-    return {"delta": float(delta), "low": float(low), "high": float(high), "n": int(len(labels))}
+
+    ci = bootstrap_metric_ci(delta, labels, groups, num_resamples, level, seed)
+    return {"delta": ci.pop("value"), **ci}
 
 
 def class_matched_indices(labels: Sequence[int], per_class: int | Mapping[int, int], seed: int = 0) -> list[int]:
@@ -178,25 +208,37 @@ def mix_training_items(
     return [*(real[i] for i in kept), *drawn]
 
 
+def patch_mask(
+    batch: int,
+    height: int,
+    width: int,
+    alpha: float,
+    patch_size: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """EMIT-Diff's random patch mask ``m`` ``[B, 1, H, W]`` (bool, True = real; paper S2:L143-147): U(0, 1) on a
+    ``ceil(H / p) x ceil(W / p)`` grid per image, cells below ``alpha`` are real, nearest-upsampled to ``H x W``. Each
+    cell is real with probability ``alpha``; ``patch_size`` ``p`` >= H, W chooses whole images, 1 single pixels."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the probability of a real patch) must be in [0, 1], got {alpha}.")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1 pixel, got {patch_size}.")
+    rows, columns = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    device = generator.device if generator is not None else "cpu"
+    cells = torch.rand(batch, 1, rows, columns, generator=generator, device=device) < alpha
+    return cells.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)[..., :height, :width]
+
+
 def patch_mix(
     real: torch.Tensor, synthetic: torch.Tensor, alpha: float, patch_size: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """EMIT-Diff's patch mixing: a fraction ``alpha`` of the ``patch_size``-square tiles of each real image
-    ``[B, C, H, W]`` (chosen at random per image) is replaced by the same tiles of its synthetic counterpart, which
-    was generated from the real image's mask, so the label stays the real one. ``alpha`` 0 is real, 1 synthetic."""
+    """EMIT-Diff's patch mixing ``m * x_0 + (1 - m) * x_i`` of real images ``x_0`` and synthetic counterparts ``x_i``
+    (generated from the real image's mask, so its label stays right), both ``[B, C, H, W]``, with ``m`` from
+    :func:`patch_mask`: ``alpha`` is the probability that a patch is real (1 all real, 0 all synthetic)."""
     if real.shape != synthetic.shape or real.ndim != 4:
         raise ValueError(
             f"real and synthetic must both be [B, C, H, W], got {tuple(real.shape)} and {tuple(synthetic.shape)}."
         )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     batch, _, height, width = real.shape
-    rows, columns = math.ceil(height / patch_size), math.ceil(width / patch_size)
-    tiles = rows * columns
-    chosen = round(alpha * tiles)
-    scores = torch.rand(batch, tiles, generator=generator, device=generator.device if generator else "cpu")
-    grid = torch.zeros(batch, tiles, dtype=torch.bool, device=scores.device)
-    grid.scatter_(1, scores.argsort(1)[:, :chosen], True)
-    mask = grid.view(batch, 1, rows, columns).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
-    mask = mask[..., :height, :width].to(real.device)
-    return torch.where(mask, synthetic, real)
+    mask = patch_mask(batch, height, width, alpha, patch_size, generator).to(real.device)
+    return torch.where(mask, real, synthetic)

@@ -24,6 +24,11 @@ becomes its position in ``class_channels``, any other value the position of its 
 lesions have no tissue class of their own in the chapter's tissue segmentation, and where they go changes the
 scores (WMH into white matter, a tumour into "other"), so the caller must choose; there is no default.
 
+A training set can also be trained with EMIT-Diff's patch mixing (``patch_mixing``): each of its real items then
+lists, under ``"synthetic_images"``, one or more synthetic images generated from its own label, and at every step
+each real slice is mixed patch-wise with one of them, drawn at random, keeping the real label
+(:func:`~medgen_common.downstream_statistics.patch_mix`).
+
 Images are normalised by ``normalisation``: ``"zscore_nonzero"`` (the default) z-scores inside the non-zero
 (skull-stripped brain) region and leaves the outside at 0; ``"zscore"`` z-scores over the whole image (images that
 are not skull-stripped, e.g. ultrasound); ``"none"`` passes intensities as they are (images already in a fixed
@@ -46,9 +51,10 @@ from monai.networks.utils import one_hot
 from monai.transforms import LoadImage, NormalizeIntensity
 from monai.utils import convert_to_tensor, optional_import
 
-from .downstream_statistics import bootstrap_difference_ci, bootstrap_mean_ci
+from .downstream_statistics import bootstrap_difference_ci, bootstrap_mean_ci, patch_mix
 from .metrics import dice_per_class, surface_distances_per_class
 from .runtime import select_device
+from .transforms import ImageFileError, read_image_file
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
 
@@ -58,18 +64,21 @@ __all__ = [
     "group_by_subject",
     "merge_label_channels",
     "normalise_image",
+    "load_array",
     "load_slice",
     "train_segmenter",
     "predict_subject",
     "evaluate_segmenter",
     "compare_training_sets",
     "format_table",
+    "format_summary_table",
 ]
 
 MergeRule = int | Mapping[int, int]
 LABEL_FORMATS = ("soft", "index")
 NORMALISATIONS = ("zscore_nonzero", "zscore", "none")
 SURFACE_METRICS = ("dice", "hd95", "assd")
+PARTNERS_KEY = "synthetic_images"
 
 
 class SliceSegmenter(torch.nn.Module):
@@ -229,10 +238,12 @@ def _image_loader() -> LoadImage:
     return LoadImage(image_only=True)
 
 
-def _as_array(value: Any) -> np.ndarray:
-    """The array behind a path (read with MONAI's ``LoadImage``) or an in-memory array / tensor, as float32."""
+def load_array(value: Any, key: str = "image") -> np.ndarray:
+    """The array behind a path (read with MONAI's ``LoadImage``; a missing, corrupt or non-finite file raises
+    :class:`~medgen_common.transforms.ImageFileError` naming ``key`` and the file) or an in-memory array / tensor,
+    as float32."""
     if isinstance(value, (str, os.PathLike)):
-        value = _image_loader()(os.fspath(value))
+        value = read_image_file(_image_loader(), os.fspath(value), key)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     return np.asarray(value, dtype=np.float32)
@@ -316,7 +327,10 @@ def load_slice(
     missing = [key for key in ("image", "label") if key not in item]
     if missing:
         raise ValueError(f"{name} misses key(s) {missing}; it has {sorted(item)}.")
-    image, label = _as_array(item["image"]), _as_array(item["label"])
+    try:
+        image, label = load_array(item["image"], "image"), load_array(item["label"], "label")
+    except ImageFileError as err:
+        raise ImageFileError(f"{name}: {err}") from err
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim != 2:
@@ -372,6 +386,47 @@ def _load_training_set(
         images.append(image)
         targets.append(target)
     return torch.stack(images), torch.stack(targets)
+
+
+def _load_partners(
+    items: Sequence[Mapping], image_shape: Sequence[int], where: str, normalisation: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The synthetic counterparts of a patch-mixed training set: ``(images [M, 1, X, Y], owners)``, where
+    ``owners[n]`` holds the indices of item ``n``'s counterparts among the ``M`` images."""
+    images, owners = [], []
+    for index, item in enumerate(items):
+        name = _describe(item, f"{where} item {index}")
+        partners = item.get(PARTNERS_KEY)
+        if isinstance(partners, (str, os.PathLike)):
+            partners = [partners]
+        if not partners:
+            raise ValueError(
+                f"{name} has no '{PARTNERS_KEY}': patch mixing needs at least one synthetic image generated from "
+                "each real item's label."
+            )
+        owners.append(torch.arange(len(images), len(images) + len(partners)))
+        for partner in partners:
+            image = load_array(partner, PARTNERS_KEY)
+            image = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+            if tuple(image.shape) != tuple(image_shape):
+                raise ValueError(
+                    f"{name}: its synthetic image has shape {image.shape}, the real one {tuple(image_shape)}."
+                )
+            if not np.isfinite(image).all():
+                raise ValueError(
+                    f"{name}: its synthetic image {os.fspath(partner) if isinstance(partner, (str, os.PathLike)) else ''} contains NaN or Inf values."
+                )
+            images.append(normalise_image(image, normalisation))
+    return torch.stack(images), owners
+
+
+def _check_patch_mixing(patch_mixing: Mapping[str, Mapping], train_sets: Mapping) -> None:
+    for name, settings in patch_mixing.items():
+        if name not in train_sets:
+            raise ValueError(f"patch mixing names the training set '{name}', which is not among {list(train_sets)}.")
+        missing = {"alpha", "patch_size"} - set(settings)
+        if missing:
+            raise ValueError(f"patch mixing of '{name}' misses {sorted(missing)}; give alpha and patch_size.")
 
 
 def _load_volumes(
@@ -434,8 +489,10 @@ def _train(
     network: torch.nn.Module | None,
     progress: bool,
     description: str,
+    mixing: tuple[torch.Tensor, list[torch.Tensor], Mapping] | None = None,
 ) -> torch.nn.Module:
-    """Train on preloaded ``images [N, 1, X, Y]`` and ``targets [N, 1, X, Y]``; see :func:`train_segmenter`."""
+    """Train on preloaded ``images [N, 1, X, Y]`` and ``targets [N, 1, X, Y]``; see :func:`train_segmenter`.
+    ``mixing``: ``(partner images, owners, {"alpha", "patch_size"})`` from :func:`_load_partners` for patch mixing."""
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size} and {lr}.")
     device = select_device(str(device))
@@ -455,8 +512,13 @@ def _train(
         while order.numel() < batch_size:
             order = torch.cat([order, torch.randperm(images.shape[0], generator=generator)])
         batch, order = order[:batch_size], order[batch_size:]
+        inputs = images[batch]
+        if mixing is not None:
+            partners, owners, settings = mixing
+            chosen = torch.cat([owners[i][torch.randint(len(owners[i]), (1,), generator=generator)] for i in batch])
+            inputs = patch_mix(inputs, partners[chosen], settings["alpha"], settings["patch_size"], generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(network(images[batch].to(device)), targets[batch].to(device))
+        loss = loss_function(network(inputs.to(device)), targets[batch].to(device))
         loss.backward()
         optimizer.step()
         if bar is not None:
@@ -481,6 +543,7 @@ def train_segmenter(
     progress: bool = False,
     label_format: str = "soft",
     normalisation: str = "zscore_nonzero",
+    patch_mixing: Mapping | None = None,
 ) -> torch.nn.Module:
     """Train a 2D segmenter on ``items`` with Dice + cross-entropy (MONAI ``DiceCELoss``) and Adam.
 
@@ -502,6 +565,8 @@ def train_segmenter(
             its initial weights are the caller's.
         progress: show a progress bar with the loss.
         label_format, normalisation: how labels are stored and images normalised, see :func:`load_slice`.
+        patch_mixing: ``{"alpha", "patch_size"}``: mix every slice patch-wise with one of its item's
+            ``"synthetic_images"`` at each step (EMIT-Diff; ``alpha`` is the probability of a real patch).
 
     Returns:
         The trained network, in eval mode, on ``device``.
@@ -511,9 +576,13 @@ def train_segmenter(
     """
     formats = {"label_format": label_format, "normalisation": normalisation}
     images, targets = _load_training_set(items, class_channels, merge_into, "training set", formats)
+    mixing = None
+    if patch_mixing is not None:
+        _check_patch_mixing({"training set": patch_mixing}, {"training set": items})
+        mixing = (*_load_partners(items, images.shape[2:], "training set", normalisation), patch_mixing)
     return _train(
         images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, network, progress,
-        description="segmenter",
+        description="segmenter", mixing=mixing,
     )  # fmt: skip
 
 
@@ -567,7 +636,7 @@ def predict_subject(
 def _volume_scores(
     prediction: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool
 ) -> dict[str, torch.Tensor]:
-    """Dice, HD95 and ASSD (voxels) per class of one subject's class-index volumes ``[X, Y, Z]``."""
+    """Dice, HD95 and ASSD (voxels) per class of class-index maps ``[X, Y, Z]`` (or one image ``[X, Y]``)."""
     pred_one_hot = one_hot(prediction[None, None], num_classes=num_classes)
     target_one_hot = one_hot(target[None, None], num_classes=num_classes)
     hd95, assd = surface_distances_per_class(pred_one_hot, target_one_hot, include_background)
@@ -590,17 +659,33 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _subject_scores(
+    prediction: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool, per_image: bool
+) -> dict[str, torch.Tensor]:
+    """:func:`_volume_scores` of a subject's stacked slices ``[X, Y, Z]``, or with ``per_image`` the mean over its
+    2D images (NaN where a class is absent from an image is left out)."""
+    if not per_image:
+        return _volume_scores(prediction, target, num_classes, include_background)
+    images = [
+        _volume_scores(prediction[..., z], target[..., z], num_classes, include_background)
+        for z in range(prediction.shape[-1])
+    ]
+    return {metric: torch.stack([scores[metric] for scores in images]).nanmean(0) for metric in SURFACE_METRICS}
+
+
 def _evaluate_loaded(
     network: torch.nn.Module,
     volumes: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     names: Sequence[str],
     include_background: bool,
     batch_size: int,
+    per_image: bool = False,
 ) -> dict[str, dict]:
     scored = names if include_background else names[1:]
     per_subject = {metric: {} for metric in SURFACE_METRICS}
     for subject, (images, targets) in volumes.items():
-        scores = _volume_scores(_predict(network, images, batch_size), targets, len(names), include_background)
+        prediction = _predict(network, images, batch_size)
+        scores = _subject_scores(prediction, targets, len(names), include_background, per_image)
         for metric, values in scores.items():
             per_subject[metric][subject] = {name: float(value) for name, value in zip(scored, values)}
     mean = {
@@ -624,8 +709,11 @@ def evaluate_segmenter(
     batch_size: int = 64,
     label_format: str = "soft",
     normalisation: str = "zscore_nonzero",
+    per_image: bool = False,
 ) -> dict[str, dict]:
-    """Dice per class and subject in 3D: each subject's slices are predicted and stacked by ``"slice_index"``.
+    """Dice per class and subject in 3D: each subject's slices are predicted and stacked by ``"slice_index"``
+    (``per_image``: scored one 2D image at a time and averaged per subject, for images that are not slices of one
+    volume, such as ultrasound frames).
 
     Args:
         network: maps ``[B, 1, X, Y]`` to logits ``[B, len(class_channels), X, Y]``.
@@ -646,7 +734,7 @@ def evaluate_segmenter(
     names = _class_names(class_channels, class_names)
     formats = {"label_format": label_format, "normalisation": normalisation}
     loaded = _load_volumes(volumes, class_channels, merge_into, formats)
-    return _evaluate_loaded(network, loaded, names, include_background, batch_size)
+    return _evaluate_loaded(network, loaded, names, include_background, batch_size, per_image)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -670,6 +758,8 @@ def compare_training_sets(
     progress: bool = False,
     label_format: str = "soft",
     normalisation: str = "zscore_nonzero",
+    patch_mixing: Mapping[str, Mapping] | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Train one segmenter per training set, with the same seed and steps, and score each on the same test subjects.
 
@@ -685,6 +775,9 @@ def compare_training_sets(
         include_background: also score the first class.
         progress: show a progress bar per training set.
         label_format, normalisation: see :func:`load_slice`; the same for training and test items.
+        patch_mixing: ``{set name: {"alpha", "patch_size"}}``: those sets are trained with EMIT-Diff's patch mixing
+            of each item with one of its ``"synthetic_images"`` (``alpha``: the probability of a real patch).
+        per_image: score each test image in 2D and average per subject, see :func:`evaluate_segmenter`.
 
     Returns:
         ``{"reference": name, "mean_dice": {set: {class: Dice}}, "ratio_to_reference": {set: {class: Dice / the
@@ -701,20 +794,27 @@ def compare_training_sets(
         raise ValueError("train_sets is empty: name at least one training set.")
     if reference not in train_sets:
         raise ValueError(f"reference training set '{reference}' is not among the training sets {list(train_sets)}.")
+    patch_mixing = dict(patch_mixing or {})
+    _check_patch_mixing(patch_mixing, train_sets)
     names = _class_names(class_channels, class_names)
     formats = {"label_format": label_format, "normalisation": normalisation}
     loaded_sets = {
         name: _load_training_set(items, class_channels, merge_into, f"training set '{name}'", formats)
         for name, items in train_sets.items()
     }
+    mixing = {
+        name: (*_load_partners(train_sets[name], loaded_sets[name][0].shape[2:], f"training set '{name}'",
+                               normalisation), settings)
+        for name, settings in patch_mixing.items()
+    }  # fmt: skip
     volumes = _load_volumes(test_items, class_channels, merge_into, formats)
     mean_dice, per_subject, surface = {}, {}, {}
     for name, (images, targets) in loaded_sets.items():
         network = _train(
             images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, None, progress,
-            description=name,
+            description=name, mixing=mixing.get(name),
         )  # fmt: skip
-        scores = _evaluate_loaded(network, volumes, names, include_background, batch_size=64)
+        scores = _evaluate_loaded(network, volumes, names, include_background, batch_size=64, per_image=per_image)
         mean_dice[name], per_subject[name] = scores["mean"], scores["per_subject"]
         surface[name] = {m: scores[f"per_subject_{m}"] for m in ("hd95", "assd")}
     reference_dice = mean_dice[reference]
@@ -786,3 +886,42 @@ def format_table(results: Mapping[str, Any], digits: int = 3) -> str:
 
     caption = f"Mean Dice over test subjects (ratio to '{results['reference']}')."
     return "\n".join([caption, "", line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
+
+
+def _class_mean_per_subject(subjects: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    return {subject: _nanmean(list(scores.values())) for subject, scores in subjects.items()}
+
+
+def format_summary_table(results: Mapping[str, Any], digits: int = 3, seed: int = 0) -> str:
+    """The result of :func:`compare_training_sets` as one row per training set: Dice, HD95 and ASSD (voxels), each
+    averaged over the classes per test subject, then over subjects, with a 95 % bootstrap CI over subjects, and the
+    paired Dice difference to the reference set with its CI."""
+    reference = results["reference"]
+    per_subject = {name: _class_mean_per_subject(subjects) for name, subjects in results["per_subject"].items()}
+    surface = {
+        name: {m: _class_mean_per_subject(results["per_subject_surface"][name][m]) for m in ("hd95", "assd")}
+        for name in per_subject
+    }
+
+    def cell(ci: Mapping) -> str:
+        if not math.isfinite(ci["mean"]):
+            return "n/a"
+        return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+    def values(scores: Mapping[str, float]) -> list[float]:
+        return list(scores.values())
+
+    lines = [
+        f"Mean over classes, then over the {len(per_subject[reference])} test subjects; 95 % bootstrap CIs over subjects.",
+        "",
+        f"| training set | items | Dice | ΔDice vs {reference} | HD95 (voxels) | ASSD (voxels) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, subjects in per_subject.items():
+        delta = "–" if name == reference else cell(bootstrap_difference_ci(subjects, per_subject[reference], seed=seed))
+        lines.append(
+            f"| {name} | {results.get('num_items', {}).get(name, '')} | {cell(bootstrap_mean_ci(values(subjects), seed=seed))} "
+            f"| {delta} | {cell(bootstrap_mean_ci(values(surface[name]['hd95']), seed=seed))} "
+            f"| {cell(bootstrap_mean_ci(values(surface[name]['assd']), seed=seed))} |"
+        )
+    return "\n".join(lines)
