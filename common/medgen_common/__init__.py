@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "benchmark",
+    "classification_utility",
     "compressed_sensing",
     "context_selection",
     "csg",
