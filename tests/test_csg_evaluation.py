@@ -19,11 +19,9 @@ from medgen_common.csg_evaluation import (
     RANDOM_FEATURE_FID_NAME,
     context_following,
     csg_report,
-    export_turing_test,
     feature_fid,
     intensity_similarity,
     mask_following,
-    score_turing_test,
     segmentation_scores,
 )
 from medgen_common.datalist import load_datalist
@@ -34,6 +32,7 @@ from medgen_common.demo_data.ultrasound import (
     simulate_bmode,
     smooth_random_field,
 )
+from medgen_common.reader_study import export_reader_study, score_reader_study
 from medgen_common.sampling import make_scheduler
 from medgen_common.writers import image_to_uint8, save_nifti
 
@@ -65,7 +64,9 @@ def test_kl_divergence_is_real_relative_to_synthetic():
     lower_half = uniform / 2  # equal counts in the lower 16 of 32 bins
     # KL(lower half || uniform) = log 2; the other way round the real upper half has only epsilon synthetic mass
     assert intensity_similarity(lower_half, uniform, bins=32)["kl_divergence"] == pytest.approx(math.log(2), abs=1e-3)
-    assert intensity_similarity(uniform, lower_half, bins=32)["kl_divergence"] > 4  # -0.5 log 2 + 0.5 log((1/32) / 1e-6) = 4.8
+    assert (
+        intensity_similarity(uniform, lower_half, bins=32)["kl_divergence"] > 4
+    )  # -0.5 log 2 + 0.5 log((1/32) / 1e-6) = 4.8
 
 
 def test_feature_fid_is_zero_for_a_set_with_itself_and_larger_for_a_different_set():
@@ -187,7 +188,7 @@ def test_turing_export_writes_blinded_pngs_and_a_key_that_matches_them(tmp_path)
     real = [_rand(24, 24, seed=index) for index in range(3)]  # real images as NIfTI files, synthetic as arrays
     real_paths = [str(save_nifti(x, tmp_path / f"real_{i}.nii.gz", channel_first=False)) for i, x in enumerate(real)]
     synthetic = _rand(5, 1, 24, 24, seed=10) * 0.5
-    exported = export_turing_test(real_paths, synthetic, tmp_path / "turing", seed=3)
+    exported = export_reader_study(real_paths, synthetic, tmp_path / "turing", seed=3)
     assert exported["num_real"] == 3 and exported["num_synthetic"] == 5
     pngs = sorted((tmp_path / "turing" / "blinded" / "images").glob("*.png"))
     assert [p.name for p in pngs] == [f"image_{i:03d}.png" for i in range(8)]
@@ -200,8 +201,8 @@ def test_turing_export_writes_blinded_pngs_and_a_key_that_matches_them(tmp_path)
         expected = image_to_uint8(source, value_range=(0, 1))[..., 0]
         assert np.array_equal(np.asarray(Image.open(pngs[0].parent / row["image"])), expected), row
     assert [row["truth"] for row in key] != ["real"] * 3 + ["synthetic"] * 5  # shuffled
-    assert _read_rows(export_turing_test(real_paths, synthetic, tmp_path / "again", seed=3)["answer_key"]) == key
-    assert _read_rows(export_turing_test(real_paths, synthetic, tmp_path / "other", seed=4)["answer_key"]) != key
+    assert _read_rows(export_reader_study(real_paths, synthetic, tmp_path / "again", seed=3)["answer_key"]) == key
+    assert _read_rows(export_reader_study(real_paths, synthetic, tmp_path / "other", seed=4)["answer_key"]) != key
 
     blank = _read_rows(exported["responses"])
     assert [row["image"] for row in blank] == [row["image"] for row in key]
@@ -209,12 +210,12 @@ def test_turing_export_writes_blinded_pngs_and_a_key_that_matches_them(tmp_path)
 
 
 def test_turing_scores_treat_synthetic_as_the_positive_class(tmp_path):
-    exported = export_turing_test(list(_rand(4, 1, 8, 8)), list(_rand(6, 1, 8, 8, seed=1)), tmp_path, seed=0)
+    exported = export_reader_study(list(_rand(4, 1, 8, 8)), list(_rand(6, 1, 8, 8, seed=1)), tmp_path, seed=0)
     key = _read_rows(exported["answer_key"])
     responses = tmp_path / "rater.csv"
 
     _write_responses(responses, [{"image": row["image"], "response": row["truth"].upper()} for row in key])
-    perfect = score_turing_test(exported["answer_key"], responses)
+    perfect = score_reader_study(exported["answer_key"], responses)
     assert perfect["accuracy"] == perfect["sensitivity"] == perfect["specificity"] == perfect["f1"] == 1.0
     assert (perfect["true_positive"], perfect["true_negative"], perfect["answered"]) == (6, 4, 10)
 
@@ -222,17 +223,17 @@ def test_turing_scores_treat_synthetic_as_the_positive_class(tmp_path):
     blank_real = next(row["image"] for row in key if row["truth"] == "real")
     rows = [{"image": row["image"], "response": "" if row["image"] == blank_real else "synthetic"} for row in key]
     _write_responses(responses, rows)
-    biased = score_turing_test(exported["answer_key"], responses)
+    biased = score_reader_study(exported["answer_key"], responses)
     assert biased["sensitivity"] == 1.0 and biased["specificity"] == 0.0
     assert biased["accuracy"] == pytest.approx(6 / 9) and biased["ppv"] == pytest.approx(6 / 9)
     assert biased["unanswered"] == 1 and biased["false_positive"] == 3
 
     _write_responses(responses, [{"image": key[0]["image"], "response": "fake"}])
     with pytest.raises(ValueError, match="line 2: response 'fake' must be 'real' or 'synthetic'"):
-        score_turing_test(exported["answer_key"], responses)
+        score_reader_study(exported["answer_key"], responses)
     _write_responses(responses, [{"image": "image_999.png", "response": "real"}])
     with pytest.raises(ValueError, match="'image_999.png' is not in the answer key"):
-        score_turing_test(exported["answer_key"], responses)
+        score_reader_study(exported["answer_key"], responses)
 
 
 # --- the whole report ------------------------------------------------------------------------------------------------

@@ -8,15 +8,11 @@ import csv
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medgen_common.demo_data.prostate import SEQUENCES, simulate_case
-from medgen_common.text_evaluation import (
-    classifier_accuracy,
-    control_accuracy,
-    export_reader_study,
-    pairing_check,
-    train_classifier,
-)
+from medgen_common.classification_utility import train_classifier
+from medgen_common.text_evaluation import classifier_accuracy, control_accuracy, export_reader_studies, pairing_check
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +81,18 @@ def test_reader_study_is_balanced_shuffled_and_keyed_separately(tmp_path):
     labels = torch.as_tensor([0, 1] * 6)
     real = {"t2w": (torch.rand(12, 1, 8, 8), labels), "t2w_dwi": (torch.rand(12, 2, 8, 8), labels)}
     synthetic = {"t2w": (torch.rand(12, 1, 8, 8), labels), "t2w_dwi": (torch.rand(12, 2, 8, 8), labels)}
-    report = export_reader_study(real, synthetic, per_cell=3, output_dir=tmp_path)
-    assert report["images_per_sequence"] == {"t2w": 12, "t2w_dwi": 12}
-    rows = list(csv.DictReader(open(tmp_path / "reader_study_key.csv")))
+    report = export_reader_studies(real, synthetic, per_cell=3, output_dir=tmp_path)
+    assert {s: (r["num_real"], r["num_synthetic"]) for s, r in report.items()} == {"t2w": (6, 6), "t2w_dwi": (6, 6)}
     for sequence in ("t2w", "t2w_dwi"):
-        cells = [(r["source"], r["lesion"]) for r in rows if r["sequence"] == sequence]
+        rows = list(csv.DictReader(open(tmp_path / report[sequence]["answer_key"])))
+        cells = [(r["truth"], r["lesion"]) for r in rows]
         assert sorted(set(cells)) == [("real", "0"), ("real", "1"), ("synthetic", "0"), ("synthetic", "1")]
-        assert all(cells.count(cell) == 3 for cell in set(cells))
-        assert [r["source"] for r in rows if r["sequence"] == sequence] != ["real"] * 6 + ["synthetic"] * 6
-    assert sorted(p.name for p in (tmp_path / "t2w").iterdir()) == [f"image_{i:03d}.png" for i in range(12)]
+        assert all(cells.count(cell) == 3 for cell in set(cells)) and {r["sequence"] for r in rows} == {sequence}
+        assert [r["truth"] for r in rows] != ["real"] * 6 + ["synthetic"] * 6
+        images = sorted((tmp_path / sequence / "blinded" / "images").iterdir())
+        assert [p.name for p in images] == [f"image_{i:03d}.png" for i in range(12)]
+        assert not list((tmp_path / sequence / "blinded").glob("*key*"))
+    # a pair is shown side by side, magnified 4 times
+    assert np.asarray(Image.open(tmp_path / "t2w_dwi" / "blinded" / "images" / "image_000.png")).shape == (32, 64)
     with pytest.raises(ValueError, match="synthetic t2w has 2 images with lesion=0, 3 needed"):
-        export_reader_study(real, {"t2w": (torch.rand(4, 1, 8, 8), torch.as_tensor([0, 1, 0, 1]))}, 3, tmp_path / "x")
+        export_reader_studies(real, {"t2w": (torch.rand(4, 1, 8, 8), torch.as_tensor([0, 1, 0, 1]))}, 3, tmp_path / "x")

@@ -40,6 +40,7 @@ _SUBMODULES = (
     "mri_reconstruction",
     "networks",
     "posterior_sampling",
+    "reader_study",
     "runtime",
     "sampling",
     "segmentation_utility",

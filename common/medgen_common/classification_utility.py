@@ -23,7 +23,7 @@ from monai.utils import optional_import
 
 from .downstream_statistics import bootstrap_metric_ci, delta_auroc_ci, macro_auroc
 from .runtime import select_device
-from .segmentation_utility import load_array, normalise_image
+from .segmentation_utility import load_array, normalise_image, squeeze_slice
 from .transforms import ImageFileError
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
@@ -54,7 +54,7 @@ def load_classification_set(
             image = load_array(item[image_key], image_key)
         except ImageFileError as err:
             raise ImageFileError(f"{name}: {err}") from err
-        image = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        image = squeeze_slice(image)
         if image.ndim != 2:
             raise ValueError(
                 f"{name}: '{image_key}' must be one 2D slice, X x Y or X x Y x 1, got shape {image.shape}."
@@ -72,15 +72,15 @@ def load_classification_set(
 
 
 def make_classifier(
-    image_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (8, 16, 32, 64)
+    in_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (16, 32, 64), dropout: float = 0.1
 ) -> Classifier:
-    """MONAI's ``Classifier`` for one-channel slices ``[B, 1, *image_shape]``: a stride-2 convolution per level of
-    ``channels`` (no residual units, as small as the demo data), logits ``[B, num_classes]``."""
+    """MONAI's ``Classifier`` for images ``[B, *in_shape]`` (``in_shape`` = channels, H, W): a stride-2 residual
+    unit per entry of ``channels``, logits ``[B, num_classes]``."""
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}.")
     return Classifier(
-        in_shape=(1, *image_shape), classes=num_classes, channels=tuple(channels), strides=(2,) * len(channels),
-        num_res_units=0,
+        in_shape=tuple(in_shape), classes=num_classes, channels=tuple(channels), strides=(2,) * len(channels),
+        dropout=dropout,
     )  # fmt: skip
 
 
@@ -88,40 +88,51 @@ def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 1e-3,
+    steps: int = 500,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    channels: Sequence[int] = (8, 16, 32, 64),
+    channels: Sequence[int] = (16, 32, 64),
+    dropout: float = 0.1,
+    flips: bool = True,
     progress: bool = False,
     description: str = "classifier",
 ) -> torch.nn.Module:
-    """Train :func:`make_classifier` on ``images [N, 1, X, Y]`` and ``labels [N]`` with cross-entropy and Adam;
-    batches are drawn from seeded epochs of random permutations. Same inputs and seed give the same weights on CPU;
-    the caller's global random state is left alone. Returns the network in eval mode on ``device``."""
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size} and {lr}.")
+    """Train :func:`make_classifier` on ``images [N, C, H, W]`` and integer ``labels [N]`` with Adam and
+    cross-entropy; each step draws ``batch_size`` images with replacement, flipped left-right at random when
+    ``flips``. Equal inputs and seed give equal weights on CPU, and the caller's global random state is left alone.
+    Returns the network in eval mode on ``device``."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"need one label per image and at least one image, got {len(images)} images and {len(labels)} labels."
+        )
+    if steps < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError(
+            f"steps and batch_size must be >= 1 and learning_rate > 0, got {steps}, {batch_size}, {learning_rate}."
+        )
     device = select_device(str(device))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = make_classifier(images.shape[2:], num_classes, channels)
-    network = network.to(device).train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
+    images, labels = images.float(), labels.long()
     bar = tqdm(total=steps, desc=description, leave=False) if progress else None
-    for _ in range(steps):
-        while order.numel() < batch_size:
-            order = torch.cat([order, torch.randperm(images.shape[0], generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(network(images[batch].to(device)), labels[batch].to(device))
-        loss.backward()
-        optimizer.step()
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.random.fork_rng(devices=[]):  # seeds the weights and dropout, not the caller's stream
+        torch.manual_seed(int(seed))
+        generator = torch.Generator().manual_seed(int(seed))
+        network = make_classifier(images.shape[1:], num_classes, channels, dropout).to(device)
+        optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+        network.train()
+        for _ in range(int(steps)):
+            index = torch.randint(len(images), (min(int(batch_size), len(images)),), generator=generator)
+            batch = images[index]
+            if flips:
+                flip = torch.rand(len(index), generator=generator) < 0.5
+                batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+            loss = torch.nn.functional.cross_entropy(network(batch.to(device)), labels[index].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
     return network.eval()
@@ -144,17 +155,18 @@ def compare_classification_sets(
     label_key: str,
     group_key: str = "subject",
     reference: str = "real",
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 1e-3,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 2e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    channels: Sequence[int] = (8, 16, 32, 64),
+    channels: Sequence[int] = (16, 32, 64),
     normalisation: str = "none",
     num_resamples: int = 2000,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train one classifier per training set (same seed, steps and network) and score each on the same real test items.
+    """Train one classifier per training set (:func:`train_classifier`: same seed, steps and network) and score each
+    on the same real test items.
 
     Every set and the test items are loaded and checked before any training starts.
 
@@ -186,7 +198,7 @@ def compare_classification_sets(
     probabilities = {}
     for name, (images, set_labels) in loaded.items():
         network = train_classifier(images, set_labels, num_classes, steps, batch_size, lr, seed, device, channels,
-                                   progress, description=name)  # fmt: skip
+                                   progress=progress, description=name)  # fmt: skip
         probabilities[name] = predict_probabilities(network, test_images)
 
     def accuracy(scores: np.ndarray):

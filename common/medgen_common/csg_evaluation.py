@@ -12,13 +12,12 @@ Pure functions; the bundle's ``evaluate`` workflow calls :func:`csg_report`, whi
   were conditioned on; :func:`csg_report` also trains segmenters on real and real + synthetic images.
 - Context following (§8.3): :func:`context_following`, the fraction of generated images whose Gram-nearest real
   image was acquired with the context image's device.
-- Visual Turing test (§5.3): :func:`export_turing_test` writes a blinded rater kit and an answer key;
-  :func:`score_turing_test` scores a filled-in response sheet (synthetic is the positive class).
+- Visual Turing test (§5.3): the shared :func:`~medgen_common.reader_study.export_reader_study` writes a blinded
+  rater kit and an answer key; :func:`~medgen_common.reader_study.score_reader_study` scores a filled-in form.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 from monai.utils import convert_to_tensor, optional_import
-from PIL import Image
 from scipy import stats
 from torch import nn
 
@@ -37,8 +35,9 @@ from .context_selection import GramDescriptor, RandomFeatureGramDescriptor, comp
 from .csg import CsgSampler
 from .demo_data.ultrasound import CLASS_NAMES
 from .metrics import RandomFeatureExtractor, extract_features, frechet_distance
+from .reader_study import export_reader_study
 from .segmentation_utility import normalise_image, train_segmenter
-from .writers import atomic_path, image_to_uint8, save_png_grid, write_csv, write_json
+from .writers import save_png_grid, write_json
 
 tqdm, _ = optional_import("tqdm", name="tqdm")
 
@@ -50,8 +49,6 @@ __all__ = [
     "segmentation_scores",
     "mask_following",
     "context_following",
-    "export_turing_test",
-    "score_turing_test",
     "csg_report",
 ]
 
@@ -64,7 +61,6 @@ DEFAULT_GUIDANCE_SETTINGS = {
 }
 #: How the report names FID computed with the offline default extractor.
 RANDOM_FEATURE_FID_NAME = "FID (random-feature extractor)"
-TURING_LABELS = ("real", "synthetic")
 # independent seed streams of csg_report: test samples, synthetic training samples, the synthetic subset
 _TEST_SEEDS, _SYNTHETIC_SEEDS, _SUBSET_SEEDS = range(3)
 
@@ -335,7 +331,7 @@ def context_following(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Visual Turing test
+# The whole protocol
 
 
 def _grey_image(value) -> torch.Tensor:
@@ -350,123 +346,6 @@ def _grey_image(value) -> torch.Tensor:
     if image.ndim != 3 or image.shape[0] != 1:
         raise ValueError(f"a grey image must be [H, W], [1, H, W] or [H, W, 1], got shape {tuple(image.shape)}.")
     return image
-
-
-def export_turing_test(
-    real_images, synthetic_images, out_dir: str | os.PathLike, seed: int = 0, value_range: Sequence[float] = (0.0, 1.0)
-) -> dict[str, Any]:
-    """Write a blinded visual Turing test: shuffled 8-bit PNGs with neutral names, a blank response sheet and,
-    apart from them, the answer key.
-
-    Layout::
-
-        out_dir/blinded/images/image_000.png ...   give the blinded/ folder to the raters
-        out_dir/blinded/responses.csv              columns image, response (blank; raters write real or synthetic)
-        out_dir/answer_key.csv                     columns image, truth (real | synthetic), source_index
-
-    Args:
-        real_images: paths (read with :func:`~medgen_common.context_selection.load_grey_image`) or arrays
-            ``[H, W]`` / ``[1, H, W]`` (a tensor ``[N, 1, H, W]`` also works).
-        synthetic_images: arrays or a tensor as above.
-        out_dir: output folder.
-        seed: seed of the shuffle.
-        value_range: intensity range of every input, files and arrays alike (e.g. (0, 255) for 8-bit files and
-            arrays); it is mapped to 0 and 255 (clipped), one window for both sets.
-
-    Returns:
-        ``{"images": [png paths], "answer_key": path, "responses": path, "num_real", "num_synthetic"}``.
-    """
-    sources = [("real", index, image) for index, image in enumerate(real_images)]
-    sources += [("synthetic", index, image) for index, image in enumerate(synthetic_images)]
-    if not sources:
-        raise ValueError("export_turing_test needs at least one image.")
-    out_dir = Path(out_dir)
-    image_dir = out_dir / "blinded" / "images"
-    digits = max(3, len(str(len(sources) - 1)))
-    order = np.random.default_rng(seed).permutation(len(sources))
-    key_rows, paths = [], []
-    for position, source in enumerate(order.tolist()):
-        truth, index, image = sources[source]
-        name = f"image_{position:0{digits}d}.png"
-        if isinstance(image, (str, os.PathLike)):  # load_grey_image maps value_range to [0, 1]
-            pixels = image_to_uint8(load_grey_image(image, value_range), (0.0, 1.0))[..., 0]
-        else:
-            pixels = image_to_uint8(_grey_image(image), value_range)[..., 0]
-        with atomic_path(image_dir / name) as temporary:
-            Image.fromarray(pixels).save(temporary, format="PNG")  # uint8 [H, W]: 8-bit grey
-        key_rows.append({"image": name, "truth": truth, "source_index": index})
-        paths.append(image_dir / name)
-    key_path, responses_path = out_dir / "answer_key.csv", out_dir / "blinded" / "responses.csv"
-    write_csv(key_path, ["image", "truth", "source_index"], key_rows)
-    write_csv(responses_path, ["image", "response"], [{"image": row["image"], "response": ""} for row in key_rows])
-    return {
-        "images": [str(path) for path in paths],
-        "answer_key": str(key_path),
-        "responses": str(responses_path),
-        "num_real": sum(row["truth"] == "real" for row in key_rows),
-        "num_synthetic": sum(row["truth"] == "synthetic" for row in key_rows),
-    }
-
-
-def _read_csv(path: str | os.PathLike, columns: Sequence[str], what: str) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found at '{path}'.")
-    with open(path, newline="") as file:
-        reader = csv.DictReader(file)
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{what} '{path}' misses column(s) {missing}; it has {reader.fieldnames}.")
-        return list(reader)
-
-
-def score_turing_test(key_csv: str | os.PathLike, responses_csv: str | os.PathLike) -> dict[str, float | int]:
-    """Score one rater's response sheet against the answer key of :func:`export_turing_test`.
-
-    Synthetic is the positive class (as in the paper's Fig. 4: low is good for the generator). Responses are
-    ``real`` or ``synthetic`` (any case); blank rows are counted as unanswered and left out.
-
-    Returns:
-        ``{"accuracy", "sensitivity" (synthetic called synthetic, TPR), "specificity" (real called real), "ppv",
-        "f1", "true_positive", "false_positive", "true_negative", "false_negative", "answered", "unanswered"}``;
-        a ratio with a zero denominator is NaN.
-
-    Raises:
-        ValueError: a response is neither real nor synthetic, or names an image the key does not hold.
-    """
-    truth = {row["image"]: row["truth"] for row in _read_csv(key_csv, ["image", "truth"], "Turing answer key")}
-    counts = {(t, r): 0 for t in TURING_LABELS for r in TURING_LABELS}
-    unanswered = 0
-    for line, row in enumerate(_read_csv(responses_csv, ["image", "response"], "Turing responses"), start=2):
-        response = (row["response"] or "").strip().lower()
-        if row["image"] not in truth:
-            raise ValueError(f"responses line {line}: image '{row['image']}' is not in the answer key.")
-        if not response:
-            unanswered += 1
-            continue
-        if response not in TURING_LABELS:
-            raise ValueError(f"responses line {line}: response '{row['response']}' must be 'real' or 'synthetic'.")
-        counts[(truth[row["image"]], response)] += 1
-    tp, fn = counts[("synthetic", "synthetic")], counts[("synthetic", "real")]
-    tn, fp = counts[("real", "real")], counts[("real", "synthetic")]
-    answered = tp + fn + tn + fp
-    return {
-        "accuracy": _ratio(tp + tn, answered),
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "ppv": _ratio(tp, tp + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "true_positive": tp,
-        "false_positive": fp,
-        "true_negative": tn,
-        "false_negative": fn,
-        "answered": answered,
-        "unanswered": unanswered,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The whole protocol
 
 
 def _mask(value) -> torch.Tensor:
@@ -581,7 +460,7 @@ def csg_report(
     5. ``segmentation_gain`` (paper Table 2): images generated from training masks with their contexts at each of
        ``augmentation_settings`` are added to the real training images; a segmenter per training set (same seed
        and steps as the real one) is scored on the real test images.
-    6. The Turing kit (:func:`export_turing_test`): real test images and the ``turing_setting`` samples.
+    6. The Turing kit (:func:`~medgen_common.reader_study.export_reader_study`): real test images and the ``turing_setting`` samples.
 
     Args:
         autoencoder, network, scheduler, scale_factor: the trained model, as for :class:`CsgSampler`.
@@ -704,7 +583,7 @@ def csg_report(
         },
     }
 
-    turing = export_turing_test(test["images"], samples[turing_setting], output_dir / "turing_test", seed=seed)
+    turing = export_reader_study(test["images"], samples[turing_setting], output_dir / "turing_test", seed=seed)
     shown = slice(0, min(num_grid_columns, len(test_entries)))
     masks_one_hot = torch.nn.functional.one_hot(test["masks"][shown], num_classes).permute(0, 3, 1, 2)
     images_shown = [test["contexts"][shown], test["images"][shown], *(s[shown] for s in samples.values())]
@@ -712,7 +591,10 @@ def csg_report(
         list(masks_one_hot), output_dir / "grid_masks.png", kind="label", ncols=shown.stop, rotate=False
     )
     grid_images = save_png_grid(
-        list(torch.cat(images_shown)), output_dir / "grid_images.png", ncols=shown.stop, value_range=(0, 1),
+        list(torch.cat(images_shown)),
+        output_dir / "grid_images.png",
+        ncols=shown.stop,
+        value_range=(0, 1),
         rotate=False,
     )
     report["turing_test"] = {

@@ -65,6 +65,7 @@ __all__ = [
     "merge_label_channels",
     "normalise_image",
     "load_array",
+    "squeeze_slice",
     "load_slice",
     "train_segmenter",
     "predict_subject",
@@ -249,6 +250,14 @@ def load_array(value: Any, key: str = "image") -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def squeeze_slice(image: np.ndarray) -> np.ndarray:
+    """A 2D image stored with trailing singleton axes (``X x Y x 1``, or ``X x Y x 1 x 1`` as channel-last NIfTI) as
+    ``X x Y``; other shapes are returned unchanged."""
+    while image.ndim > 2 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return image
+
+
 def normalise_image(image: np.ndarray, normalisation: str = "zscore_nonzero") -> torch.Tensor:
     """A 2D image ``X x Y`` as a normalised ``[1, X, Y]`` float32 tensor (MONAI's ``NormalizeIntensity``).
 
@@ -331,8 +340,7 @@ def load_slice(
         image, label = load_array(item["image"], "image"), load_array(item["label"], "label")
     except ImageFileError as err:
         raise ImageFileError(f"{name}: {err}") from err
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
+    image = squeeze_slice(image)
     if image.ndim != 2:
         raise ValueError(f"{name}: the image must be one 2D slice, X x Y or X x Y x 1, got shape {image.shape}.")
     if label_format == "index":
@@ -407,7 +415,7 @@ def _load_partners(
         owners.append(torch.arange(len(images), len(images) + len(partners)))
         for partner in partners:
             image = load_array(partner, PARTNERS_KEY)
-            image = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+            image = squeeze_slice(image)
             if tuple(image.shape) != tuple(image_shape):
                 raise ValueError(
                     f"{name}: its synthetic image has shape {image.shape}, the real one {tuple(image_shape)}."

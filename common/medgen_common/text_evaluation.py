@@ -1,12 +1,14 @@
 """Evaluate a text-conditioned generator of multi-sequence slices (prostate_text_ldm ``evaluate``; prostate spec
 section 7.4), with reference classifiers trained on real images:
 
-- :func:`train_classifier` / :func:`classifier_accuracy`: the lesion (2-way) and sequence (3-way) references;
+- :func:`classifier_accuracy` of the lesion (2-way) and sequence (3-way) references, trained with the shared
+  :func:`~medgen_common.classification_utility.train_classifier`;
 - :func:`control_accuracy`: do samples follow the prompted lesion label and sequence, per prompt cell;
 - :func:`pairing_check`: DW generated from a case's real T2W against a text-only and a shuffled-T2W control
   (correlation with the true DW, classifier agreement, lesion localisation);
 - :func:`augmentation_experiment`: a lesion classifier trained on real vs real + synthetic images, several seeds;
-- :func:`export_reader_study`: a blinded, shuffled real/synthetic x lesion/no-lesion set with a separate key;
+- :func:`export_reader_studies`: per sequence, a blinded, shuffled real/synthetic x lesion/no-lesion set with the
+  answer key apart (the shared :mod:`medgen_common.reader_study`);
 - :func:`text_generator_report`: all of them, plus the MediSyn copy check of the synthetic images against the
   training images (:func:`medgen_common.metrics.memorisation_check`).
 """
@@ -18,65 +20,29 @@ from pathlib import Path
 
 import copy
 import logging
+import os
 import time
 
 import numpy as np
 import torch
-from monai.networks.nets import Classifier
 from torch import nn
 
+from .classification_utility import train_classifier
 from .metrics import memorisation_check
+from .reader_study import export_reader_study
 from .text_generation import follow_up_specs, generate, prompt_specs
-from .writers import save_memorisation_gallery, save_png_grid, write_csv, write_json
+from .writers import save_memorisation_gallery, write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "train_classifier",
     "classifier_accuracy",
     "control_accuracy",
     "pairing_check",
     "augmentation_experiment",
-    "export_reader_study",
+    "export_reader_studies",
     "text_generator_report",
 ]
-
-
-def train_classifier(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    steps: int = 500,
-    batch_size: int = 64,
-    learning_rate: float = 2e-3,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """A small CNN (MONAI ``Classifier``, channels 16/32/64, strides 2) trained with Adam and cross-entropy on
-    ``images`` ``[N, 1, H, W]`` in [0, 1] and integer ``labels`` ``[N]``, with random left-right flips; returned in
-    eval mode. Seeded: equal inputs and seed give equal weights."""
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(
-            f"need one label per image and at least one image, got {len(images)} images and {len(labels)} labels."
-        )
-    generator = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
-    network = Classifier(
-        in_shape=tuple(images.shape[1:]), classes=num_classes, channels=(16, 32, 64), strides=(2, 2, 2), dropout=0.1
-    ).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
-    images, labels = images.float(), labels.long()
-    network.train()
-    for _ in range(int(steps)):
-        index = torch.randint(len(images), (min(int(batch_size), len(images)),), generator=generator)
-        batch = images[index]
-        flip = torch.rand(len(index), generator=generator) < 0.5
-        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch).to(device)
-        loss = nn.functional.cross_entropy(network(batch), labels[index].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return network.eval()
 
 
 @torch.no_grad()
@@ -230,44 +196,48 @@ def augmentation_experiment(
     return report
 
 
-def export_reader_study(
+def export_reader_studies(
     real: dict[str, tuple[torch.Tensor, torch.Tensor]],
     synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]],
     per_cell: int,
     output_dir: str | Path,
     seed: int = 0,
 ) -> dict:
-    """A blinded reader set per sequence (Table 4.3): ``per_cell`` images of each of real/synthetic x lesion/no
-    lesion, shuffled, written as ``<sequence>/image_NNN.png`` with no hint of their source; the key
-    (file, sequence, source, lesion) goes to ``reader_study_key.csv`` beside, to be withheld from the reader.
+    """A blinded reader study per sequence (Table 4.3), written by the shared
+    :func:`~medgen_common.reader_study.export_reader_study` to ``output_dir/<sequence>/``: ``per_cell`` images of
+    each of real/synthetic x lesion/no lesion, shuffled, with the lesion of each image in the answer key.
 
     ``real`` and ``synthetic`` map a sequence name to ``(images [N, 1, H, W] or [N, 2, H, W] for side-by-side pairs,
     lesion labels [N])``.
+
+    Raises:
+        ValueError: a cell has fewer than ``per_cell`` images.
     """
     output_dir = Path(output_dir)
     rng = np.random.default_rng(seed)
-    rows, counts = [], {}
+    studies = {}
     for sequence in real:
-        items = []
-        for source, pool in (("real", real[sequence]), ("synthetic", synthetic[sequence])):
-            images, labels = pool
+        chosen = {}
+        for source, (images, labels) in (("real", real[sequence]), ("synthetic", synthetic[sequence])):
+            indices = []
             for lesion in (0, 1):
                 candidates = np.flatnonzero(labels.numpy() == lesion)
                 if len(candidates) < per_cell:
                     raise ValueError(
                         f"{source} {sequence} has {len(candidates)} images with lesion={lesion}, {per_cell} needed."
                     )
-                items += [(images[i], source, lesion) for i in rng.choice(candidates, per_cell, replace=False)]
-        order = rng.permutation(len(items))
-        for number, index in enumerate(order):
-            image, source, lesion = items[index]
-            name = f"{sequence}/image_{number:03d}.png"
-            tiles = [channel[None] for channel in image]  # a pair is shown side by side
-            save_png_grid(tiles, output_dir / name, value_range=(0.0, 1.0), rotate=False, ncols=len(tiles), upscale=4)
-            rows.append({"file": name, "sequence": sequence, "source": source, "lesion": lesion})
-        counts[sequence] = len(items)
-    write_csv(output_dir / "reader_study_key.csv", ["file", "sequence", "source", "lesion"], rows)
-    return {"images_per_sequence": counts, "key": str(output_dir / "reader_study_key.csv")}
+                indices += rng.choice(candidates, per_cell, replace=False).tolist()
+            chosen[source] = (
+                [images[i] for i in indices],
+                [{"sequence": sequence, "lesion": int(labels[i])} for i in indices],
+            )
+        study = export_reader_study(
+            chosen["real"][0], chosen["synthetic"][0], output_dir / sequence, seed=seed,
+            real_attributes=chosen["real"][1], synthetic_attributes=chosen["synthetic"][1], upscale=4,
+        )  # fmt: skip
+        studies[sequence] = {key: study[key] for key in ("num_real", "num_synthetic")}
+        studies[sequence].update({key: os.path.relpath(study[key], output_dir) for key in ("answer_key", "responses")})
+    return studies
 
 
 def _load_split(entries: Sequence[dict], preprocessing, sequences: Sequence[str], label_key: str) -> dict:
@@ -456,7 +426,7 @@ def text_generator_report(
         per_cell = min(int(reader_study_per_cell), available)
         report["reader_study"] = {
             "images_per_cell": per_cell,
-            **export_reader_study(real_sets, synthetic_sets, per_cell, output_dir / "reader_study", seed),
+            "studies": export_reader_studies(real_sets, synthetic_sets, per_cell, output_dir / "reader_study", seed),
         }
     report["seconds"] = round(time.time() - started, 1)
     write_json(report, output_dir / "evaluation.json")
