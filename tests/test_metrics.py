@@ -21,6 +21,7 @@ from medgen_common.metrics import (
     ms_ssim_diversity,
     ms_ssim_scales,
     nearest_neighbour_distances,
+    paired_fidelity,
     psnr,
     memorisation_check,
     ssim,
@@ -326,6 +327,21 @@ def test_ms_ssim_diversity_is_higher_for_near_duplicates(spatial_dims, size):
     assert result.samples > 0.8
     assert result.reference < 0.2
     assert ms_ssim_diversity(independent, 1.0, spatial_dims).reference is None
+
+
+def test_paired_fidelity_is_perfect_for_copies_and_measures_a_known_offset():
+    reference = _smooth_images(3, (64, 64), seed=4)
+    same = paired_fidelity(reference, reference.clone())
+    assert same["mae"]["mean"] == same["mse"]["mean"] == 0.0 and same["ms_ssim"]["mean"] == pytest.approx(1.0)
+    assert same["ms_ssim_scales"] == 3 and len(same["mae"]["per_pair"]) == 3
+    shifted = paired_fidelity((reference + 0.1).clamp(max=1.0), reference)
+    inside = reference <= 0.9  # where the shift is not clipped
+    assert shifted["mae"]["mean"] <= 0.1 + 1e-6 and shifted["mae"]["mean"] > 0.1 * inside.float().mean().item() - 1e-6
+    assert shifted["rmse"]["mean"] == pytest.approx(np.mean(np.sqrt(shifted["mse"]["per_pair"])), rel=1e-5)
+    noisy = paired_fidelity((reference + 0.3 * torch.rand_like(reference)).clamp(0, 1), reference)
+    assert noisy["ms_ssim"]["mean"] < shifted["ms_ssim"]["mean"] < 1.0
+    with pytest.raises(ValueError):
+        paired_fidelity(reference, reference[:2])
 
 
 def test_ms_ssim_diversity_pair_sampling():
