@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from medgen_common.datalist import load_datalist
 from tools import benchmark
 from tools import bundles as harness
 
@@ -236,6 +237,10 @@ def test_inference_writes_outputs_of_declared_shape_and_dtype(trained_bundle, tm
     num_channels, spatial_shape, dtype = _expected_output_format(bundle_root, configs, overrides)
     harness.check_output_files(outputs, num_channels, spatial_shape, dtype)
     assert (tmp_path / manifest["inference"]["preview"]).is_file()
+    synthetic = manifest["inference"].get("synthetic_datalist")
+    if synthetic:  # a ready-to-train datalist of the outputs, for tools.utility
+        entries = load_datalist(tmp_path / synthetic["file"], "training", synthetic["keys"])  # checks the files exist
+        assert len(entries) == TEST_INFERENCE_OVERRIDES["num_samples"]
 
 
 def test_evaluate_writes_report(trained_bundle, tmp_path):
@@ -249,17 +254,21 @@ def test_evaluate_writes_report(trained_bundle, tmp_path):
 
 
 def test_benchmark_counts_each_samplers_network_calls(trained_bundle):
-    """tools.benchmark on the trained bundle's own inference: DDIM makes `steps` calls, Heun 2 * steps - 1."""
+    """tools.benchmark on the trained bundle's own inference at 3 steps: DDIM makes 3 calls, Heun 2 * 3 - 1 (or the
+    counts the bundle's benchmark entry declares for its own samplers, e.g. PC: a predictor and a corrector per level).
+    """
     bundle_root, manifest, dataset_dir = trained_bundle
     if "benchmark" not in manifest:
         pytest.skip(f"{bundle_root.name} has no sampler to benchmark")
+    expected = manifest["benchmark"].get("test_nfe", {"ddim": 3, "heun": 5})
     overrides = {"dataset_dir": str(dataset_dir), "num_threads": 1}
-    result = benchmark.benchmark_bundle(bundle_root, ["ddim", "heun"], [3], 1, "cpu", overrides, warmup=0, repeats=1)
-    assert [(row["sampler"], row["nfe"]) for row in result["rows"]] == [("ddim", 3), ("heun", 5)]
+    result = benchmark.benchmark_bundle(bundle_root, list(expected), [3], 1, "cpu", overrides, warmup=0, repeats=1)
+    assert [(row["sampler"], row["nfe"]) for row in result["rows"]] == list(expected.items())
     for row in result["rows"]:
         assert row["gflops_per_nfe"] > 0 and row["images_per_second"] > 0
         assert row["gflops_per_image"] >= row["nfe"] * row["gflops_per_nfe"] * 0.999
-    assert "| heun | 3 | 5 |" in benchmark.markdown_table(result)
+    sampler, nfe = list(expected.items())[-1]
+    assert f"| {sampler} | 3 | {nfe} |" in benchmark.markdown_table(result)
 
 
 def test_multi_gpu_override_runs_under_torchrun(trained_bundle, tmp_path):
@@ -420,7 +429,6 @@ def test_pacs_round_trip_pulls_a_study_runs_inference_and_stores_a_synthetic_ser
     from dicomweb_client.api import DICOMwebClient
     from monai.transforms import LoadImage
 
-    from medgen_common.datalist import load_datalist
     from medgen_common.dicom_io import SyntheticSeries, write_dicom_series
     from tools import pacs
 
@@ -465,7 +473,8 @@ def test_pacs_round_trip_pulls_a_study_runs_inference_and_stores_a_synthetic_ser
 
 def test_nfe_sweep_reports_quality_and_cost_against_the_reference(trained_bundle, tmp_path):
     """tools.nfe_sweep on the trained bundle's own evaluation: the reference row first, NFE as counted, each
-    declared metric read from the report, and the relative change from the reference (zero for the reference)."""
+    declared metric read from the report, and the relative change from the reference (zero for the reference); a
+    reused reference row is not evaluated again."""
     bundle_root, manifest, dataset_dir = trained_bundle
     if "nfe_sweep" not in manifest:
         pytest.skip(f"{bundle_root.name} declares no NFE-sweep metrics")
@@ -475,20 +484,28 @@ def test_nfe_sweep_reports_quality_and_cost_against_the_reference(trained_bundle
     overrides.update(manifest["evaluate"].get("test_overrides", {}))
     for key in ("num_inference_steps", "num_samples", "batch_size"):
         overrides.pop(key)
-    result = nfe_sweep.sweep(bundle_root, "ddim", [2, 3], "ddpm", 4, tmp_path, overrides, images=1)
-    assert [(row["sampler"], row["steps"], row["nfe"]) for row in result["rows"]] == [
-        ("ddpm", 4, 4),
-        ("ddim", 2, 2),
-        ("ddim", 3, 3),
-    ]
+    first, second = list(manifest["benchmark"].get("test_nfe", {"ddim": 3, "dpmpp_2m": 3}))[:2]
+    result = nfe_sweep.sweep(bundle_root, [first, second], [3, 2], first, 4, tmp_path, overrides, images=1)
+    assert [(row["sampler"], row["steps"]) for row in result["rows"]] == [
+        (first, 4), (first, 2), (first, 3), (second, 2), (second, 3),
+    ]  # fmt: skip
+    assert [row["nfe"] for row in result["rows"]][:3] == [4, 2, 3]
     labels = list(manifest["nfe_sweep"]["metrics"])
     for row in result["rows"]:
         report = json.loads(
             (tmp_path / f"{row['sampler']}_{row['steps']}" / manifest["evaluate"]["report"]).read_text()
         )
         assert row["metrics"] == {
-            label: float(harness.value_at(report, manifest["nfe_sweep"]["metrics"][label])) for label in labels
+            label: float(
+                harness.value_at(report, manifest["nfe_sweep"]["metrics"][label].replace("{sampler}", row["sampler"]))
+            )
+            for label in labels
         }
         assert row["images_per_second"] > 0
     assert all(value == 0 for value in result["rows"][0]["relative_change"].values())
     assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | NFE | images/s |")
+    again = nfe_sweep.sweep(bundle_root, [first], [2], out_dir=tmp_path / "again", overrides=overrides, images=1,
+                            reference_row=result["rows"][0])  # fmt: skip
+    assert not (tmp_path / "again" / f"{first}_4").exists()
+    assert again["rows"][0]["metrics"] == result["rows"][0]["metrics"]
+    assert again["rows"][1]["relative_change"] == result["rows"][1]["relative_change"]

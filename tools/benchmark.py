@@ -7,7 +7,8 @@ with ``--soak N``, whether memory stays flat over N consecutive inference calls 
 
 The bundle's ``configs/workflows.json`` says how (its ``benchmark`` entry): which configs to merge (the demo override
 last, as the demo ran), the config expression that makes ``num_samples`` images once (the bundle's own inference,
-outputs written to a temporary folder) and the id of its denoising network, whose calls are counted. A Markdown
+outputs written to a temporary folder), the id of its denoising network, whose calls are counted, and the config key
+naming the sampler (``sampler_key``, default ``scheduler_name``). A Markdown
 table for the bundle's README is printed and written next to the JSON.
 """
 
@@ -57,10 +58,16 @@ def _benchmark_entry(bundle_dir: Path) -> dict:
     return manifest["benchmark"]
 
 
+def sampler_key(entry: dict) -> str:
+    """The config key naming the sampler: ``scheduler_name`` unless the bundle's benchmark entry names another
+    (``sampler_key``, e.g. the reconstruction ``solver`` of score_mri_recon)."""
+    return entry.get("sampler_key", "scheduler_name")
+
+
 def _sampling_call(bundle_dir, entry, output_dir, sampler, num_steps, images, device, overrides):
     """The bundle's own inference as a callable making ``images`` images, and its denoising network."""
     values = {
-        "device_name": device, "output_dir": output_dir, "scheduler_name": sampler,
+        "device_name": device, "output_dir": output_dir, sampler_key(entry): sampler,
         "num_inference_steps": int(num_steps), "num_samples": int(images), "batch_size": int(images),
         **entry.get("overrides", {}), **(overrides or {}), "benchmark_sample": entry["sample"],
     }  # fmt: skip

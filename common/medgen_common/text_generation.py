@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .text import make_prompt
-from .writers import save_nifti, save_png_grid, write_csv
+from .writers import save_nifti, save_png_grid, write_csv, write_json
 
 __all__ = ["MODES", "prompt_specs", "paired_specs", "follow_up_specs", "generate", "run_generation"]
 
@@ -118,8 +118,13 @@ def run_generation(
     spacing: Sequence[float] | None = None,
     lesion_probability: float = 0.5,
 ) -> list[Path]:
-    """The inference workflow: generate in ``mode`` (see ``MODES``) and write NIfTI files, ``samples.png`` and
-    ``prompts.csv`` under ``output_dir``; returns the NIfTI paths.
+    """The inference workflow: generate in ``mode`` (see ``MODES``) and write NIfTI files, ``samples.png``,
+    ``prompts.csv`` and ``datalist_synthetic.json`` under ``output_dir``; returns the NIfTI paths.
+
+    The datalist has the demo datalist's keys, so the synthetic set drops in where the real one goes (e.g.
+    ``tools.utility``): one ``training`` entry per sample with its file under its sequence's name (``"t2w"``; a pair
+    is one entry with ``"t2w"`` and ``"dwi"``), ``"lesion_present"`` when the prompt set it, ``"prompt"`` and
+    ``"seed"``.
 
     ``paired`` mode takes ``paired_entries`` (datalist entries with the T2W path under ``"t2w"`` and a lesion label)
     and ``load_image`` (path -> ``[1, H, W]`` tensor, e.g. the bundle's load transforms).
@@ -153,12 +158,19 @@ def run_generation(
         results = [(specs, generate(sampler, network, tokenizer, specs, batch_size, device))]
         sources = [""] * num_samples
 
-    paths, rows, previews = [], [], []
+    paths, rows, previews, entries = [], [], [], []
     for specs, images in results:
-        for spec, image, source in zip(specs, images, sources):
+        for index, (spec, image, source) in enumerate(zip(specs, images, sources)):
             sequence = spec["sequence"] or "image"
             name = f"sample_{spec['seed']:06d}_{sequence}"
             paths.append(save_nifti(image.numpy(), output_dir / f"{name}.nii.gz", spacing=spacing))
+            entry = {sequence: f"{name}.nii.gz", "prompt": spec["prompt"], "seed": spec["seed"]}
+            if spec["lesion"] is not None:
+                entry["lesion_present"] = int(spec["lesion"])
+            if mode == "pair" and index < len(entries):  # the DW image of pair ``index``
+                entries[index][sequence] = entry[sequence]
+            else:
+                entries.append(entry)
             rows.append({"name": name, "seed": spec["seed"], "mode": mode, "sequence": spec["sequence"] or "",
                          "lesion": "" if spec["lesion"] is None else int(spec["lesion"]), "prompt": spec["prompt"],
                          "source_image": source})  # fmt: skip
@@ -167,4 +179,5 @@ def run_generation(
     write_csv(
         output_dir / "prompts.csv", ["name", "seed", "mode", "sequence", "lesion", "prompt", "source_image"], rows
     )
+    write_json({"training": entries}, output_dir / "datalist_synthetic.json")
     return paths
