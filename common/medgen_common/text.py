@@ -28,6 +28,7 @@ __all__ = [
     "LESION_PHRASES",
     "make_prompt",
     "prompt_vocabulary",
+    "vocabulary_of",
     "WordTokenizer",
     "WordPieceTokenizer",
     "minilm_vocab_path",
@@ -74,6 +75,11 @@ def make_prompt(rng: np.random.Generator | np.random.RandomState, sequence: str,
 def _words(text: str) -> list[str]:
     """Lower-cased words and punctuation marks (BERT's basic tokenisation, without accent stripping)."""
     return _WORD_PATTERN.findall(text.lower())
+
+
+def vocabulary_of(texts: Sequence[str]) -> list[str]:
+    """The sorted words (and punctuation marks) of ``texts``, as :class:`WordTokenizer` splits them."""
+    return sorted({word for text in texts for word in _words(text)})
 
 
 def prompt_vocabulary() -> list[str]:
@@ -194,11 +200,16 @@ def minilm_vocab_path() -> Path:
     )
 
 
-def make_tokenizer(kind: str = "word", max_length: int = 16, vocab_file: str | Path | None = None):
-    """``"word"`` (:class:`WordTokenizer` over the prompt vocabulary) or ``"wordpiece"`` (:class:`WordPieceTokenizer`
-    over ``vocab_file``, default :func:`minilm_vocab_path`)."""
+def make_tokenizer(
+    kind: str = "word",
+    max_length: int = 16,
+    vocab_file: str | Path | None = None,
+    vocabulary: Sequence[str] | None = None,
+):
+    """``"word"`` (:class:`WordTokenizer` over ``vocabulary``, default the prostate prompt vocabulary) or
+    ``"wordpiece"`` (:class:`WordPieceTokenizer` over ``vocab_file``, default :func:`minilm_vocab_path`)."""
     if kind == "word":
-        return WordTokenizer(max_length=max_length)
+        return WordTokenizer(vocabulary, max_length=max_length)
     if kind == "wordpiece":
         return WordPieceTokenizer(vocab_file if vocab_file is not None else minilm_vocab_path(), max_length=max_length)
     raise ValueError(f"unknown tokenizer {kind!r}; expected 'word' or 'wordpiece'.")

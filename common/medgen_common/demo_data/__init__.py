@@ -5,6 +5,7 @@ from .brain import make_brain_dataset
 from .elastography import make_elastography_dataset
 from .mri import make_mri_dataset
 from .prostate import make_prostate_dataset
+from .segmentation_tasks import make_segmentation_tasks_dataset
 from .ultrasound import make_msk_dataset
 
 GENERATORS = {
@@ -13,6 +14,7 @@ GENERATORS = {
     "elastography": make_elastography_dataset,
     "mri": make_mri_dataset,
     "prostate": make_prostate_dataset,
+    "segmentation_tasks": make_segmentation_tasks_dataset,
 }
 __all__ = ["GENERATORS", "make_brain_dataset", "make_msk_dataset", "make_elastography_dataset", "make_mri_dataset",
-           "make_prostate_dataset"]
+           "make_prostate_dataset", "make_segmentation_tasks_dataset"]
