@@ -196,3 +196,16 @@ def test_algorithm_1_writes_n_samples_per_source_with_the_source_label(tmp_path)
     with pytest.raises(ValueError, match="7 samples at 2 per image need 4 source images, 3 given"):
         generate_augmentations(sampler, network, tokenizer, entries, lambda e: cases[e["subject"]], tmp_path,
                                samples_per_image=2, num_samples=7)  # fmt: skip
+
+
+def test_training_prompts_carry_augmentation_phrases_at_the_asked_rate():
+    from medgen_common.edge_diffusion import RandAugmentationPhrased
+
+    transform = RandAugmentationPhrased("prompt", prob=0.3)
+    transform.set_random_state(0)
+    prompts = [transform({"prompt": "MR T2, prostate, no lesion"})["prompt"] for _ in range(2000)]
+    phrased = [p for p in prompts if p != "MR T2, prostate, no lesion"]
+    assert len(phrased) / len(prompts) == pytest.approx(0.3, abs=0.03)
+    assert {p.rsplit(", ", 1)[1] for p in phrased} == set(AUGMENTATION_PHRASES)
+    with pytest.raises(ValueError, match="prob"):
+        RandAugmentationPhrased("prompt", prob=1.5)

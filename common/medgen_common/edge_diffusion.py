@@ -22,9 +22,12 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.inferers import Inferer
+from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -44,7 +47,9 @@ __all__ = [
     "EdgeLatentSampler",
     "GreyscaleHead",
     "augmented_prompts",
+    "RandAugmentationPhrased",
     "prompt_vocabulary",
+    "task_entries",
     "generate_augmentations",
     "edge_fidelity_report",
 ]
@@ -191,6 +196,27 @@ class EdgeLatentSampler(Inferer):
         return convert_to_tensor(decoded, track_meta=False).float().clamp(0.0, 1.0)
 
 
+class RandAugmentationPhrased(Randomizable, MapTransform):
+    """Append one of ``phrases`` to the prompt under ``keys`` with probability ``prob``. The text encoder here is
+    trained from scratch (EMIT-Diff's is Stable Diffusion's), so training prompts carry the phrases that
+    Algorithm 1 adds at sampling, and their tokens are not unseen there."""
+
+    def __init__(
+        self, keys: KeysCollection = "prompt", prob: float = 0.5, phrases: Sequence[str] = AUGMENTATION_PHRASES
+    ):
+        super().__init__(keys)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}.")
+        self.prob, self.phrases = float(prob), tuple(phrases)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.phrases and self.R.random_sample() < self.prob:
+                d[key] = f"{d[key]}, {self.phrases[self.R.randint(len(self.phrases))]}"
+        return d
+
+
 def augmented_prompts(prompt: str, count: int, seed: int, phrases: Sequence[str] = AUGMENTATION_PHRASES) -> list[str]:
     """Algorithm 1's prompts ``c_t + c_aug_i`` for ``count`` samples of one image: ``"<prompt>, <phrase>"`` with a
     phrase drawn per sample (seeded), the plain prompt when ``phrases`` is empty."""
@@ -212,6 +238,24 @@ class GreyscaleHead(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.decoder(*args, **kwargs).mean(dim=1, keepdim=True)
+
+
+def task_entries(
+    datalist: str | os.PathLike, split: str, task: str | None, keys: Sequence[str] = ("image", "label")
+) -> list[dict]:
+    """The entries of one ``task`` (all with ``task`` None) in a datalist split, files under ``keys`` resolved.
+
+    Raises:
+        ValueError: the split has no entry of the task (the message lists the tasks it has).
+    """
+    from .datalist import load_datalist
+
+    entries = load_datalist(datalist, split, list(keys))
+    chosen = [entry for entry in entries if task is None or entry.get("task") == task]
+    if not chosen:
+        found = sorted({str(entry.get("task")) for entry in entries})
+        raise ValueError(f"split '{split}' of '{datalist}' has no entries of task '{task}'; it has tasks {found}.")
+    return chosen
 
 
 def _conditions(entries: Sequence[Mapping], load: Callable[[Mapping], Mapping], edge_settings: Mapping) -> tuple:
@@ -259,7 +303,8 @@ def generate_augmentations(
     boundary) and its ``"prompt"`` plus an augmentation phrase (:func:`augmented_prompts`).
 
     Sample ``k`` (seed ``seed + k``) comes from source ``k // samples_per_image``; ``num_samples`` (default all)
-    caps the total. Writes ``<subject>_aug<j>_image.nii.gz`` (``H x W x 1``), ``samples.png`` (sources, their
+    caps the total. Writes ``<subject>_aug<j>_image.nii.gz`` (``H x W x 1``, on the source file's affine unless
+    ``spacing`` is given), ``samples.png`` (sources, their
     edges, then the first sample of each) and ``datalist_synthetic.json``, whose ``training`` entries keep the
     source's ``label`` (the mask the image was generated to fit), ``task`` and ``subject``, with ``source_image``,
     ``prompt`` and ``seed``. Returns the image paths.
@@ -287,7 +332,9 @@ def generate_augmentations(
     for k, (index, image) in enumerate(zip(sources, images)):
         entry = entries[index]
         name = f"{entry.get('subject', f'source{index:04d}')}_aug{k % samples_per_image:02d}_image.nii.gz"
-        paths.append(save_nifti(image.numpy(), output_dir / name, spacing=spacing))
+        source = str(entry["image"])  # on the source's grid, so the sample overlays its label in 3D Slicer
+        affine = nib.load(source).affine if spacing is None and os.path.isfile(source) else None
+        paths.append(save_nifti(image.numpy(), output_dir / name, affine=affine, spacing=spacing))
         datalist.append({
             "image": name, "label": entry.get("label"), "source_image": entry["image"], "prompt": prompts[k],
             "seed": seeds[k], **{key: entry[key] for key in ("task", "subject") if key in entry},
