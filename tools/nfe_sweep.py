@@ -42,9 +42,7 @@ def _evaluate(bundle_dir, manifest, configs, sampler, num_steps, out_dir, overri
         harness.run_workflow(bundle_dir, configs, overrides=values, log_file=output_dir / "evaluate.log")
         seconds += time.perf_counter() - started
         report = json.loads((output_dir / manifest["evaluate"]["report"]).read_text())
-        per_seed.append(
-            {label: float(harness.value_at(report, path)) for label, path in manifest["nfe_sweep"]["metrics"].items()}
-        )
+        per_seed.append(metric_values(report, manifest, sampler))
     cost = benchmark.benchmark_bundle(bundle_dir, [sampler], [num_steps], images, "cpu", overrides, 1, 1)["rows"][0]
     row = {"sampler": sampler, "steps": num_steps, "nfe": cost["nfe"], "images_per_second": cost["images_per_second"],
            "evaluation_seconds": seconds, "metrics": {label: float(np.mean([m[label] for m in per_seed])) for label in per_seed[0]}}  # fmt: skip
@@ -54,6 +52,12 @@ def _evaluate(bundle_dir, manifest, configs, sampler, num_steps, out_dir, overri
         row["metrics_sd"] = {label: float(np.std([m[label] for m in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0
                              for label in per_seed[0]}  # fmt: skip
     return row
+
+
+def metric_values(report: dict, manifest: dict, sampler: str) -> dict[str, float]:
+    """The domain metrics ``nfe_sweep.metrics`` names, read from an evaluation ``report`` of ``sampler``."""
+    paths = manifest["nfe_sweep"]["metrics"]
+    return {label: float(harness.value_at(report, path.replace("{sampler}", sampler))) for label, path in paths.items()}
 
 
 def _check_seed_key(configs: list[str]) -> None:
