@@ -490,22 +490,20 @@ def test_nfe_sweep_reports_quality_and_cost_against_the_reference(trained_bundle
         (first, 4), (first, 2), (first, 3), (second, 2), (second, 3),
     ]  # fmt: skip
     assert [row["nfe"] for row in result["rows"]][:3] == [4, 2, 3]
-    labels = list(manifest["nfe_sweep"]["metrics"])
     for row in result["rows"]:
         report = json.loads(
             (tmp_path / f"{row['sampler']}_{row['steps']}" / manifest["evaluate"]["report"]).read_text()
         )
-        assert row["metrics"] == {
-            label: float(
-                harness.value_at(report, manifest["nfe_sweep"]["metrics"][label].replace("{sampler}", row["sampler"]))
-            )
-            for label in labels
+        expected = {
+            label: float(harness.value_at(report, path.replace("{sampler}", row["sampler"])))
+            for label, path in manifest["nfe_sweep"]["metrics"].items()
         }
+        assert row["metrics"] == pytest.approx(expected, nan_ok=True)  # a class absent from the tiny test set is NaN
         assert row["images_per_second"] > 0
     assert all(value == 0 for value in result["rows"][0]["relative_change"].values())
     assert (tmp_path / "nfe_sweep.md").read_text().startswith("| sampler | steps | NFE | images/s |")
     again = nfe_sweep.sweep(bundle_root, [first], [2], out_dir=tmp_path / "again", overrides=overrides, images=1,
                             reference_row=result["rows"][0])  # fmt: skip
     assert not (tmp_path / "again" / f"{first}_4").exists()
-    assert again["rows"][0]["metrics"] == result["rows"][0]["metrics"]
-    assert again["rows"][1]["relative_change"] == result["rows"][1]["relative_change"]
+    assert again["rows"][0]["metrics"] == pytest.approx(result["rows"][0]["metrics"], nan_ok=True)
+    assert again["rows"][1]["relative_change"] == pytest.approx(result["rows"][1]["relative_change"], nan_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
@@ -175,6 +176,12 @@ def test_edge_fidelity_is_high_for_a_generator_that_follows_its_edges_and_low_ag
     assert report["edge_f1"]["mean"] > 0.9 and report["edge_f1_shuffled"]["mean"] < 0.5
     assert report["num_images"] == 5 and report["paired_fidelity"]["mae"]["mean"] > 0
     assert (tmp_path / "evaluation.json").is_file() and (tmp_path / "edges.png").is_file()
+    single = edge_fidelity_report(EdgeCopyingSampler(), None, tokenizer, entries[:1], lambda e: cases[e["subject"]],
+                                  tmp_path / "one", edge_settings={"mode": "mask"})  # fmt: skip
+    assert single["edge_f1"]["mean"] > 0.9 and single["edge_f1"]["sd"] == 0.0
+    assert (
+        np.isnan(single["edge_f1_shuffled"]["mean"]) and single["edge_f1_shuffled"]["note"] == "needs at least 2 images"
+    )
 
 
 def test_algorithm_1_writes_n_samples_per_source_with_the_source_label(tmp_path):

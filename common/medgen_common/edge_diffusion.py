@@ -364,17 +364,15 @@ def edge_fidelity_report(
     - ``edge_f1``: F1 within ``tolerance_px`` between the Canny edges of each generated image (same method and
       sigma as the condition's image edges) and its conditioning edges, mean ± SD;
     - ``edge_f1_shuffled``: the same generated images against another entry's conditioning edges (a fixed
-      derangement), the level of edges that are not followed;
+      derangement), the level of edges that are not followed (NaN, with a note, for a single entry);
     - ``paired_fidelity``: MAE, MSE, RMSE and MS-SSIM of each generated image to its source image (EMIT-Diff
       Table 1; :func:`~medgen_common.metrics.paired_fidelity`).
 
     Writes ``evaluation.json`` and ``edges.png`` (rows: sources, conditioning edges, generated images, their edges)
     under ``output_dir``; returns the report.
     """
-    if len(entries) < 2:
-        raise ValueError(
-            f"the edge-fidelity check needs at least 2 entries (one shuffled against another), got {len(entries)}."
-        )
+    if not entries:
+        raise ValueError("the edge-fidelity check needs at least one entry.")
     settings = dict(edge_settings or {"mode": "union"})
     sources, conditions = _conditions(entries, load, settings)
     seeds = [seed + k for k in range(len(entries))]
@@ -383,16 +381,19 @@ def edge_fidelity_report(
     )
     method, sigma = settings.get("method", "canny"), settings.get("sigma", 1.0)
     found = [image_edges(image[0].numpy(), method, sigma) for image in generated]
-    derangement = np.roll(np.arange(len(entries)), 1 + np.random.default_rng(seed).integers(len(entries) - 1))
     followed = [edge_f1(edges, condition[0].numpy(), tolerance_px)["f1"] for edges, condition in zip(found, conditions)]
-    shuffled = [edge_f1(edges, conditions[j][0].numpy(), tolerance_px)["f1"] for edges, j in zip(found, derangement)]
+    shuffled = []  # the control needs another image's edges
+    if len(entries) > 1:
+        derangement = np.roll(np.arange(len(entries)), 1 + np.random.default_rng(seed).integers(len(entries) - 1))
+        shuffled = [
+            edge_f1(edges, conditions[j][0].numpy(), tolerance_px)["f1"] for edges, j in zip(found, derangement)
+        ]
 
     def summary(values: Sequence[float]) -> dict:
-        return {
-            "mean": float(np.mean(values)),
-            "sd": float(np.std(values, ddof=1)),
-            "per_image": [float(v) for v in values],
-        }
+        if not values:
+            return {"mean": float("nan"), "sd": float("nan"), "per_image": [], "note": "needs at least 2 images"}
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return {"mean": float(np.mean(values)), "sd": sd, "per_image": [float(v) for v in values]}
 
     report = {
         "num_images": len(entries),
