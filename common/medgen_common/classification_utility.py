@@ -177,8 +177,8 @@ def compare_classification_sets(
         reference has no ``delta_auroc`` entry.
 
     Raises:
-        ValueError: no sets, ``reference`` not among them, a set or the test items invalid, or a test class that no
-            training set has.
+        ValueError: no sets, ``reference`` not among them, a set or the test items invalid, or images of different
+            shapes.
     """
     if not train_sets:
         raise ValueError("train_sets is empty: name at least one training set.")

@@ -358,10 +358,9 @@ def load_slice(
             )
     if label.shape[:2] != image.shape:
         raise ValueError(f"{name}: label shape {label.shape} does not match image shape {image.shape}.")
-    for key, array in (("image", image), ("label", label)):
+    for key, array in (("image", image), ("label", label)):  # in-memory arrays; files are checked by load_array
         if not np.isfinite(array).all():
-            source = f" '{os.fspath(item[key])}'" if isinstance(item[key], (str, os.PathLike)) else ""
-            raise ValueError(f"{name}: the {key}{source} contains NaN or Inf values.")
+            raise ValueError(f"{name}: the {key} contains NaN or Inf values.")
     if label_format == "index":
         target = _index_target(label, class_channels, merge_into, name)
     else:
@@ -420,10 +419,8 @@ def _load_partners(
                 raise ValueError(
                     f"{name}: its synthetic image has shape {image.shape}, the real one {tuple(image_shape)}."
                 )
-            if not np.isfinite(image).all():
-                raise ValueError(
-                    f"{name}: its synthetic image {os.fspath(partner) if isinstance(partner, (str, os.PathLike)) else ''} contains NaN or Inf values."
-                )
+            if not np.isfinite(image).all():  # an in-memory array; files are checked by load_array
+                raise ValueError(f"{name}: its synthetic image contains NaN or Inf values.")
             images.append(normalise_image(image, normalisation))
     return torch.stack(images), owners
 
