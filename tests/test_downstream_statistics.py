@@ -18,6 +18,7 @@ from medgen_common.downstream_statistics import (
     mix_training_items,
     patch_mask,
     patch_mix,
+    patient_folds,
 )
 
 
@@ -144,3 +145,15 @@ def test_delta_auroc_resamples_patients_when_given_groups():
     assert by_patient["high"] - by_patient["low"] > by_case["high"] - by_case["low"]
     with pytest.raises(ValueError, match="one per case"):
         delta_auroc_ci(good, poor, labels, groups=patients[:10])
+
+
+def test_patient_folds_are_disjoint_at_the_patient_level_and_cover_every_item():
+    groups = [f"p{i // 3}" for i in range(30)] + ["p99"]  # 11 patients, one with a single item
+    folds = patient_folds(groups, 3, seed=1)
+    assert sorted(i for fold in folds for i in fold) == list(range(len(groups)))
+    patients = [{groups[i] for i in fold} for fold in folds]
+    assert all(not (a & b) for k, a in enumerate(patients) for b in patients[k + 1 :])
+    assert sorted(len(p) for p in patients) == [3, 4, 4]
+    assert patient_folds(groups, 3, seed=1) == folds and patient_folds(groups, 3, seed=2) != folds
+    with pytest.raises(ValueError, match="3-fold cross-validation needs .* got 2"):
+        patient_folds(["a", "a", "b"], 3)

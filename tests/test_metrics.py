@@ -24,6 +24,7 @@ from medgen_common.metrics import (
     paired_fidelity,
     psnr,
     memorisation_check,
+    precision_recall_per_class,
     ssim,
     surface_distances_per_class,
 )
@@ -141,6 +142,22 @@ def test_surface_distances_of_a_shifted_square():
     assert hd95.item() == pytest.approx(2.0) and 0 < assd.item() < 2.0
     hd95_mm, _ = surface_distances_per_class(shifted, target, spacing=(0.5, 1.0))
     assert hd95_mm.item() == pytest.approx(1.0)  # rows are 0.5 mm apart
+
+
+def test_precision_and_recall_of_overlapping_squares_and_of_missed_or_absent_structures():
+    target = _one_hot_square(slice(4, 10), slice(4, 10))  # 36 pixels
+    shifted = _one_hot_square(slice(6, 12), slice(4, 10))  # 24 of its 36 pixels inside the target
+    half = _one_hot_square(slice(4, 7), slice(4, 10))  # 18 pixels, all inside the target
+    precision, recall = precision_recall_per_class(shifted, target)
+    assert precision.item() == pytest.approx(24 / 36) and recall.item() == pytest.approx(24 / 36)
+    precision, recall = precision_recall_per_class(half, target)
+    assert precision.item() == pytest.approx(1.0) and recall.item() == pytest.approx(0.5)
+    empty = _one_hot_square(slice(0, 0), slice(0, 0))
+    for prediction, reference in ((empty, target), (target, empty)):  # missed or hallucinated: both 0
+        precision, recall = precision_recall_per_class(prediction, reference)
+        assert precision.item() == 0 and recall.item() == 0
+    precision, recall = precision_recall_per_class(empty, empty)  # nothing to score
+    assert torch.isnan(precision).all() and torch.isnan(recall).all()
 
 
 def test_surface_distance_of_a_missed_structure_is_the_diagonal_and_of_an_absent_one_nan():

@@ -12,7 +12,9 @@ import torch
 from scipy import ndimage
 
 from medgen_common.segmentation_utility import (
+    TRADITIONAL_AUGMENTATIONS,
     SliceSegmenter,
+    combine_folds,
     compare_training_sets,
     evaluate_segmenter,
     format_summary_table,
@@ -23,6 +25,8 @@ from medgen_common.segmentation_utility import (
     merge_label_channels,
     normalise_image,
     predict_subject,
+    summarise_comparison,
+    traditional_augmentation,
     train_segmenter,
 )
 from medgen_common.writers import save_nifti
@@ -305,7 +309,7 @@ def test_training_on_inverted_contrast_scores_much_lower(comparison):
 
 
 def test_surface_distances_and_patient_level_intervals_rank_the_sets(comparison):
-    ci, surface = comparison["confidence_intervals"], comparison["per_subject_surface"]
+    ci, surface = comparison["confidence_intervals"], comparison["per_subject_metrics"]
     assert set(surface["real"]["hd95"]) == {"sub-000", "sub-001", "sub-002"}
     for tissue in TISSUES:
         real, inverted = ci["real"]["dice"][tissue], ci["inverted"]["dice"][tissue]
@@ -337,7 +341,7 @@ def test_summary_table_gives_class_mean_dice_surface_distances_and_the_paired_di
     assert real[3] == "–" and inverted[0] == "inverted"
     delta, low, high = (float(v) for v in inverted[3].replace("[", "").replace("]", "").replace(",", "").split())
     assert delta < 0 and low <= delta <= high and high < 0  # the inverted set is worse on every subject
-    assert float(inverted[4].split()[0]) > float(real[4].split()[0])  # and its surfaces are further off
+    assert float(inverted[6].split()[0]) > float(real[6].split()[0])  # and its surfaces (HD95) are further off
 
 
 # --- determinism -----------------------------------------------------------------------------------------------------
@@ -475,3 +479,70 @@ def test_patch_mixing_needs_synthetic_counterparts_for_every_item(test_items):
     with pytest.raises(ValueError, match="names the training set 'other'"):
         compare_training_sets({"real": items}, test_items, CLASS_CHANNELS, merge_into=3,
                               patch_mixing={"other": {"alpha": 0.5, "patch_size": 4}})  # fmt: skip
+
+
+# --- EMIT-Diff's study: traditional augmentations, AttentionUnet, cross-validation folds ------------------------------
+
+
+def _square_sample() -> dict:
+    """A z-scored-like image, an off-centre bright rectangle on a faint ramp, and its label, ``[1, 48, 48]`` each."""
+    label = torch.zeros(1, 48, 48, dtype=torch.long)
+    label[0, 6:20, 10:34] = 1
+    ramp = torch.linspace(0.0, 0.2, 48)[None, None, :]
+    return {"image": label.float() * 2.0 - 0.5 + ramp, "label": label}
+
+
+@pytest.mark.parametrize("name", TRADITIONAL_AUGMENTATIONS)
+def test_each_traditional_augmentation_changes_the_image_and_moves_the_label_only_when_spatial(name):
+    sample = _square_sample()
+    transform = traditional_augmentation(name, prob=1.0, seed=3)
+    draws = [transform(dict(sample)) for _ in range(4)]
+    first_again = traditional_augmentation(name, prob=1.0, seed=3)(dict(sample))
+    assert torch.equal(torch.as_tensor(first_again["image"]), torch.as_tensor(draws[0]["image"]))  # seeded
+    images = [torch.as_tensor(draw["image"]) for draw in draws]
+    labels = [torch.as_tensor(draw["label"]) for draw in draws]
+    assert all(image.shape == (1, 48, 48) for image in images)
+    assert all(not torch.allclose(image, sample["image"]) for image in images)
+    if name in ("mirror", "rotate", "scale"):
+        assert any(not torch.equal(label.long(), sample["label"]) for label in labels)
+        for image, label in zip(images, labels):
+            assert set(torch.unique(label).tolist()) <= {0, 1}  # nearest-neighbour: still a mask
+            assert ((image > 0.5) == label.bool()).float().mean() > 0.97  # the label moved with the image
+    else:
+        assert all(torch.equal(label, sample["label"]) for label in labels)
+        assert any(not torch.allclose(images[0], image) for image in images[1:])  # a fresh draw each call
+
+
+def test_unknown_augmentation_and_architecture_are_refused_by_name():
+    with pytest.raises(ValueError, match="augmentation must be one of .*'mirror'.* got 'flip'"):
+        traditional_augmentation("flip")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        SliceSegmenter(2, architecture="swin")
+
+
+def test_attention_unet_segmenter_keeps_the_size_of_odd_slices():
+    network = SliceSegmenter(num_classes=3, channels=(4, 8, 16), architecture="attention_unet")
+    assert network(torch.zeros(2, 1, 56, 71)).shape == (2, 3, 56, 71)
+    assert "AttentionUnet" in type(network.unet).__name__
+
+
+def _fold(subjects: list[str], dice: float) -> dict:
+    scores = {s: {"fg": dice} for s in subjects}
+    return summarise_comparison(
+        {name: {m: scores for m in ("dice", "precision", "recall", "hd95", "assd")} for name in ("real", "mixed")},
+        "real",
+        {"real": 4, "mixed": 4},
+    )
+
+
+def test_cross_validation_folds_combine_into_one_result_over_every_subject():
+    combined = combine_folds([_fold(["a", "b"], 0.6), _fold(["c"], 0.9)])
+    assert set(combined["per_subject"]["real"]) == {"a", "b", "c"}
+    assert combined["mean_dice"]["real"]["fg"] == pytest.approx(0.7)  # over subjects, not over fold means
+    assert combined["num_items"] == {"real": [4, 4], "mixed": [4, 4]}
+    assert set(combined["per_subject_metrics"]["mixed"]) == {"precision", "recall", "hd95", "assd"}
+    table = format_summary_table(combined).splitlines()
+    assert "3 test subjects (2-fold cross-validation" in table[0] and "| real | 4 / 4 | 0.700" in table[4]
+    assert "Precision | Recall | HD95" in table[2]
+    with pytest.raises(ValueError, match="subject 'b' is tested in folds 0 and 1"):
+        combine_folds([_fold(["a", "b"], 0.6), _fold(["b"], 0.9)])

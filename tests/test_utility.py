@@ -114,3 +114,28 @@ def test_classification_trains_class_matched_arms_and_reports_delta_auroc(tmp_pa
     write_json({"training": [{"t2w": real[0]["t2w"]}]}, tmp_path / "unlabelled.json")
     with pytest.raises(ValueError, match="1 entries of .*unlabelled.json have no 'lesion_present'"):
         utility.main([*args[:5], "--synthetic", str(tmp_path / "unlabelled.json"), *args[7:]])
+
+
+def test_cross_validation_tests_every_patient_once_against_traditional_augmentations(segmentation_data, tmp_path):
+    folder = segmentation_data
+    args = ["segmentation", "--real", f"{folder / 'datalist.json'}:training", "--folds", "2",
+            "--synthetic", str(folder / "datalist_synthetic.json"), "--classes", "0", "1", "2", "--merge-into", "0",
+            "--class-names", "background", "bright", "dark", "--per-image", "--slice-key", "frame",
+            "--augment", "mirror", "gamma", "--patch-mix", "0.5:4", "--architecture", "attention_unet",
+            "--out", str(tmp_path), *FAST]  # fmt: skip
+    results = utility.main(args)
+    arms = ["real", "synthetic", "real, mirror augmentation", "real, gamma augmentation", "patch mix (α 0.5, p 4)"]
+    assert list(results["mean_dice"]) == arms
+    # 4 patients of 4 frames in 2 folds of 2 patients; each fold's synthetic items come from its training frames
+    assert results["num_items"] == {arm: [8, 8] for arm in arms}
+    assert set(results["per_subject"]["real"]) == {"s0", "s1", "s2", "s3"}
+    tested = [set(fold["per_subject"]["real"]) for fold in results["folds"]]
+    assert len(tested) == 2 and not tested[0] & tested[1]
+    saved = json.loads((tmp_path / "utility.json").read_text())
+    for arm in arms:
+        assert set(saved["confidence_intervals"][arm]) == {"dice", "precision", "recall", "hd95", "assd"}
+        assert saved["confidence_intervals"][arm]["dice"]["bright"]["n"] == 4
+    report = (tmp_path / "utility.md").read_text()
+    assert "2-fold cross-validation" in report and "| real, mirror augmentation | 8 / 8 |" in report
+    with pytest.raises(SystemExit):  # --folds tests on the held-out folds, not on a test split
+        utility.main([*args, "--test", f"{folder / 'datalist.json'}:test"])

@@ -24,6 +24,7 @@ __all__ = [
     "delta_auroc_ci",
     "class_matched_indices",
     "mix_training_items",
+    "patient_folds",
     "patch_mask",
     "patch_mix",
     "MIXING_MODES",
@@ -206,6 +207,24 @@ def mix_training_items(
         return [*real, *drawn]
     kept = sorted(rng.choice(len(real), size=len(real) - count, replace=False).tolist())
     return [*(real[i] for i in kept), *drawn]
+
+
+def patient_folds(groups: Sequence, num_folds: int, seed: int = 0) -> list[list[int]]:
+    """Item indices of each fold of a ``num_folds``-fold cross-validation split at the patient level: every patient's
+    items (``groups[i]`` names item ``i``'s patient) fall in one fold; patients are shuffled with ``seed`` and dealt
+    round-robin, so fold sizes differ by at most one patient.
+
+    Raises:
+        ValueError: fewer than 2 folds, or fewer patients than folds.
+    """
+    patients = list(dict.fromkeys(str(group) for group in groups))
+    if num_folds < 2 or len(patients) < num_folds:
+        raise ValueError(
+            f"{num_folds}-fold cross-validation needs num_folds >= 2 and as many patients; got {len(patients)}."
+        )
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[p]: rank % num_folds for rank, p in enumerate(order)}
+    return [[i for i, group in enumerate(groups) if fold_of[str(group)] == fold] for fold in range(num_folds)]
 
 
 def patch_mask(

@@ -27,7 +27,9 @@ from monai.metrics import (
     PSNRMetric,
     SSIMMetric,
     compute_average_surface_distance,
+    compute_confusion_matrix_metric,
     compute_hausdorff_distance,
+    get_confusion_matrix,
 )
 from monai.metrics.fid import get_fid_score
 from monai.networks.layers.factories import Conv, Pool
@@ -40,6 +42,7 @@ __all__ = [
     "dice_per_class",
     "mean_dice_by_class",
     "surface_distances_per_class",
+    "precision_recall_per_class",
     "FeatureExtractor",
     "load_feature_extractor",
     "RandomFeatureExtractor",
@@ -231,6 +234,32 @@ def surface_distances_per_class(
     hd95, assd = (m.float().cpu().masked_fill(one_sided.cpu(), diagonal) for m in (hd95, assd))
     absent = ~(present_pred | present_target).cpu()
     return hd95.masked_fill(absent, math.nan), assd.masked_fill(absent, math.nan)
+
+
+def precision_recall_per_class(
+    pred_one_hot: torch.Tensor, target_one_hot: torch.Tensor, include_background: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precision TP / (TP + FP) and recall TP / (TP + FN) of each class, from MONAI's confusion matrix.
+
+    Args:
+        pred_one_hot, target_one_hot: one-hot maps ``[B, C, H, W[, D]]``.
+        include_background: whether to score channel 0 as well.
+
+    Returns:
+        ``(precision, recall)``, each ``[B, C]`` or ``[B, C - 1]`` in [0, 1]. A class absent from both maps is NaN
+        (nothing to score), as for :func:`dice_per_class`; a class missed entirely has precision 0 and a class
+        predicted where the target has none has recall 0, so neither failure drops out of a mean.
+    """
+    _check_images("pred_one_hot", pred_one_hot)
+    _check_same_shape("pred_one_hot", pred_one_hot, "target_one_hot", target_one_hot)
+    confusion = get_confusion_matrix(pred_one_hot.float(), target_one_hot.float(), include_background)
+    with warnings.catch_warnings():  # MONAI warns when a denominator is 0; those entries are set below
+        warnings.simplefilter("ignore")
+        precision = compute_confusion_matrix_metric("precision", confusion).nan_to_num(0.0)
+        recall = compute_confusion_matrix_metric("recall", confusion).nan_to_num(0.0)
+    first_class = 0 if include_background else 1
+    present = (pred_one_hot + target_one_hot)[:, first_class:].flatten(start_dim=2).sum(dim=2) > 0
+    return precision.masked_fill(~present, math.nan), recall.masked_fill(~present, math.nan)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

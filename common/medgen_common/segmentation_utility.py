@@ -46,13 +46,25 @@ from typing import Any
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
+from monai.networks.nets import AttentionUnet, UNet
 from monai.networks.utils import one_hot
-from monai.transforms import LoadImage, NormalizeIntensity
+from monai.transforms import (
+    Compose,
+    LoadImage,
+    NormalizeIntensity,
+    RandAdjustContrastd,
+    RandAxisFlipd,
+    RandGaussianNoised,
+    RandRotated,
+    RandScaleIntensityFixedMeand,
+    RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandZoomd,
+)
 from monai.utils import convert_to_tensor, optional_import
 
 from .downstream_statistics import bootstrap_difference_ci, bootstrap_mean_ci, patch_mix
-from .metrics import dice_per_class, surface_distances_per_class
+from .metrics import dice_per_class, precision_recall_per_class, surface_distances_per_class
 from .runtime import select_device
 from .transforms import ImageFileError, read_image_file
 
@@ -60,6 +72,8 @@ tqdm, _ = optional_import("tqdm", name="tqdm")
 
 __all__ = [
     "SliceSegmenter",
+    "TRADITIONAL_AUGMENTATIONS",
+    "traditional_augmentation",
     "items_for_contrast",
     "group_by_subject",
     "merge_label_channels",
@@ -71,6 +85,8 @@ __all__ = [
     "predict_subject",
     "evaluate_segmenter",
     "compare_training_sets",
+    "summarise_comparison",
+    "combine_folds",
     "format_table",
     "format_summary_table",
 ]
@@ -78,44 +94,65 @@ __all__ = [
 MergeRule = int | Mapping[int, int]
 LABEL_FORMATS = ("soft", "index")
 NORMALISATIONS = ("zscore_nonzero", "zscore", "none")
-SURFACE_METRICS = ("dice", "hd95", "assd")
+SCORES = ("dice", "precision", "recall", "hd95", "assd")
+ARCHITECTURES = ("unet", "attention_unet")
 PARTNERS_KEY = "synthetic_images"
 
 
 class SliceSegmenter(torch.nn.Module):
-    """A small 2D MONAI ``UNet`` that keeps full resolution in its first level and takes slices of any size.
+    """A small 2D MONAI ``UNet`` or ``AttentionUnet`` that keeps full resolution in its first level and takes slices
+    of any size.
 
     MONAI's ``UNet`` applies each level's stride in that level's first convolution; with the usual stride 2 at the
     first level, nothing runs at the input resolution and one-voxel-thin structures (a grey-matter ribbon, a small
-    lesion) are blurred away, so the first stride here is 1. The input is zero-padded at the high end of each axis
-    to a multiple of the downsampling factor and the output cropped back, so the demo slices (56 x 72) and odd
+    lesion) are blurred away, so the first stride here is 1. ``AttentionUnet`` (EMIT-Diff's segmenter, S2:L219) has
+    a full-resolution head of its own, so all its strides are 2. The input is zero-padded at the high end of each
+    axis to a multiple of the downsampling factor and the output cropped back, so the demo slices (56 x 72) and odd
     sizes both work; zero is the value outside the brain after z-scoring with ``nonzero=True`` (and the mean after
     z-scoring the whole image).
 
     Args:
         num_classes: output channels (classes, background included).
         channels: feature channels per level; the first level keeps the input resolution, every later one halves
-            it. The default, ``(8, 16, 32, 64)``, takes about 0.1 s per training step of 16 slices of 56 x 72 on one
-            CPU thread, so 500 steps take about a minute.
-        num_res_units: residual units per level (0: plain convolutions, twice as fast as 1).
+            it (``UNet``: every level after the second). The default, ``(8, 16, 32, 64)``, takes about 0.1 s per
+            training step of 16 slices of 56 x 72 on one CPU thread (``UNet``), so 500 steps take about a minute.
+        num_res_units: residual units per level of the ``UNet`` (0: plain convolutions, twice as fast as 1).
+        architecture: ``"unet"`` or ``"attention_unet"``.
     """
 
-    def __init__(self, num_classes: int, channels: Sequence[int] = (8, 16, 32, 64), num_res_units: int = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        channels: Sequence[int] = (8, 16, 32, 64),
+        num_res_units: int = 0,
+        architecture: str = "unet",
+    ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + a class), got {num_classes}.")
         if len(channels) < 2:
             raise ValueError(f"channels must name at least 2 levels, got {tuple(channels)}.")
+        _check_choice("architecture", architecture, ARCHITECTURES)
         self.num_classes = num_classes
-        self.size_divisor = 2 ** (len(channels) - 2)
-        self.unet = UNet(
-            spatial_dims=2,
-            in_channels=1,
-            out_channels=num_classes,
-            channels=tuple(channels),
-            strides=(1,) + (2,) * (len(channels) - 2),
-            num_res_units=num_res_units,
-        )
+        if architecture == "unet":
+            self.size_divisor = 2 ** (len(channels) - 2)
+            self.unet = UNet(
+                spatial_dims=2,
+                in_channels=1,
+                out_channels=num_classes,
+                channels=tuple(channels),
+                strides=(1,) + (2,) * (len(channels) - 2),
+                num_res_units=num_res_units,
+            )
+        else:
+            self.size_divisor = 2 ** (len(channels) - 1)
+            self.unet = AttentionUnet(
+                spatial_dims=2,
+                in_channels=1,
+                out_channels=num_classes,
+                channels=tuple(channels),
+                strides=(2,) * (len(channels) - 1),
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Map z-scored slices ``[B, 1, X, Y]`` to class logits ``[B, num_classes, X, Y]``."""
@@ -125,6 +162,46 @@ class SliceSegmenter(torch.nn.Module):
         pad_x, pad_y = (-size_x) % self.size_divisor, (-size_y) % self.size_divisor
         logits = self.unet(torch.nn.functional.pad(images, (0, pad_y, 0, pad_x)))
         return logits[:, :, :size_x, :size_y]
+
+
+#: EMIT-Diff's single traditional augmentations (S2:L221), each a baseline arm of its segmentation study.
+TRADITIONAL_AUGMENTATIONS = ("contrast", "gamma", "brightness", "noise", "resolution", "mirror", "rotate", "scale")
+
+
+def traditional_augmentation(name: str, prob: float = 0.5, seed: int = 0) -> Compose:
+    """One of :data:`TRADITIONAL_AUGMENTATIONS` as a seeded MONAI dict transform on a normalised sample
+    ``{"image": [1, X, Y], "label": [1, X, Y]}`` (the spatial ones move the label with the image, nearest-neighbour).
+
+    Ranges follow nnU-Net's defaults, written for z-scored images: contrast x [0.75, 1.25] about the mean, gamma
+    [0.7, 1.5], brightness + [-0.25, 0.25] SD, Gaussian noise SD 0.1, resolution down to 0.5 x and back, a mirror
+    along a random axis, rotation within 15 degrees, scale [0.85, 1.15]; each is applied with probability ``prob``.
+    """
+    _check_choice("augmentation", name, TRADITIONAL_AUGMENTATIONS)
+    both, nearest = ("image", "label"), ("bilinear", "nearest")
+    factories = {
+        "contrast": lambda: RandScaleIntensityFixedMeand("image", prob=prob, factors=0.25),
+        "gamma": lambda: RandAdjustContrastd("image", prob=prob, gamma=(0.7, 1.5)),
+        "brightness": lambda: RandShiftIntensityd("image", prob=prob, offsets=0.25),
+        "noise": lambda: RandGaussianNoised("image", prob=prob, std=0.1),
+        "resolution": lambda: RandSimulateLowResolutiond("image", prob=prob, zoom_range=(0.5, 1.0), upsample_mode="bilinear"),
+        "mirror": lambda: RandAxisFlipd(both, prob=prob),
+        "rotate": lambda: RandRotated(both, range_x=math.radians(15), prob=prob, mode=nearest, padding_mode="zeros"),
+        "scale": lambda: RandZoomd(both, prob=prob, min_zoom=0.85, max_zoom=1.15, mode=nearest, padding_mode="constant"),
+    }
+    transform = Compose([factories[name]()])
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def _augment_batch(
+    transform: Compose, images: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``transform`` applied to each sample of ``images [B, 1, X, Y]`` and class maps ``targets [B, 1, X, Y]``."""
+    samples = [transform({"image": image, "label": target}) for image, target in zip(images, targets)]
+    return (
+        torch.stack([convert_to_tensor(s["image"], dtype=torch.float32, track_meta=False) for s in samples]),
+        torch.stack([convert_to_tensor(s["label"], track_meta=False).round().long() for s in samples]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -495,21 +572,25 @@ def _train(
     progress: bool,
     description: str,
     mixing: tuple[torch.Tensor, list[torch.Tensor], Mapping] | None = None,
+    architecture: str = "unet",
+    augmentation: str | None = None,
 ) -> torch.nn.Module:
     """Train on preloaded ``images [N, 1, X, Y]`` and ``targets [N, 1, X, Y]``; see :func:`train_segmenter`.
-    ``mixing``: ``(partner images, owners, {"alpha", "patch_size"})`` from :func:`_load_partners` for patch mixing."""
+    ``mixing``: ``(partner images, owners, {"alpha", "patch_size"})`` from :func:`_load_partners` for patch mixing;
+    ``augmentation``: one of :data:`TRADITIONAL_AUGMENTATIONS`, applied to every drawn slice."""
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size} and {lr}.")
     device = select_device(str(device))
     # the initial weights depend on the seed only; the caller's global random state is left as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = SliceSegmenter(num_classes, channels) if network is None else network
+        network = SliceSegmenter(num_classes, channels, architecture=architecture) if network is None else network
     network = network.to(device).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     # batch=True: Dice over the whole batch, so a class absent from one slice does not make its loss undefined
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     generator = torch.Generator().manual_seed(seed)
+    augment = None if augmentation is None else traditional_augmentation(augmentation, seed=seed)
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(total=steps, desc=description, leave=False) if progress else None
     for _ in range(steps):
@@ -517,13 +598,15 @@ def _train(
         while order.numel() < batch_size:
             order = torch.cat([order, torch.randperm(images.shape[0], generator=generator)])
         batch, order = order[:batch_size], order[batch_size:]
-        inputs = images[batch]
+        inputs, batch_targets = images[batch], targets[batch]
         if mixing is not None:
             partners, owners, settings = mixing
             chosen = torch.cat([owners[i][torch.randint(len(owners[i]), (1,), generator=generator)] for i in batch])
             inputs = patch_mix(inputs, partners[chosen], settings["alpha"], settings["patch_size"], generator)
+        if augment is not None:
+            inputs, batch_targets = _augment_batch(augment, inputs, batch_targets)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(network(inputs.to(device)), targets[batch].to(device))
+        loss = loss_function(network(inputs.to(device)), batch_targets.to(device))
         loss.backward()
         optimizer.step()
         if bar is not None:
@@ -549,6 +632,8 @@ def train_segmenter(
     label_format: str = "soft",
     normalisation: str = "zscore_nonzero",
     patch_mixing: Mapping | None = None,
+    architecture: str = "unet",
+    augmentation: str | None = None,
 ) -> torch.nn.Module:
     """Train a 2D segmenter on ``items`` with Dice + cross-entropy (MONAI ``DiceCELoss``) and Adam.
 
@@ -572,6 +657,8 @@ def train_segmenter(
         label_format, normalisation: how labels are stored and images normalised, see :func:`load_slice`.
         patch_mixing: ``{"alpha", "patch_size"}``: mix every slice patch-wise with one of its item's
             ``"synthetic_images"`` at each step (EMIT-Diff; ``alpha`` is the probability of a real patch).
+        architecture: ``"unet"`` or ``"attention_unet"`` for the default :class:`SliceSegmenter`.
+        augmentation: one of :data:`TRADITIONAL_AUGMENTATIONS` applied to every drawn slice, or None.
 
     Returns:
         The trained network, in eval mode, on ``device``.
@@ -587,7 +674,7 @@ def train_segmenter(
         mixing = (*_load_partners(items, images.shape[2:], "training set", normalisation), patch_mixing)
     return _train(
         images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, network, progress,
-        description="segmenter", mixing=mixing,
+        description="segmenter", mixing=mixing, architecture=architecture, augmentation=augmentation,
     )  # fmt: skip
 
 
@@ -641,12 +728,14 @@ def predict_subject(
 def _volume_scores(
     prediction: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool
 ) -> dict[str, torch.Tensor]:
-    """Dice, HD95 and ASSD (voxels) per class of class-index maps ``[X, Y, Z]`` (or one image ``[X, Y]``)."""
+    """Dice, precision, recall, HD95 and ASSD (voxels) per class of class-index maps ``[X, Y, Z]`` (or one image
+    ``[X, Y]``)."""
     pred_one_hot = one_hot(prediction[None, None], num_classes=num_classes)
     target_one_hot = one_hot(target[None, None], num_classes=num_classes)
     hd95, assd = surface_distances_per_class(pred_one_hot, target_one_hot, include_background)
+    precision, recall = precision_recall_per_class(pred_one_hot, target_one_hot, include_background)
     dice = dice_per_class(pred_one_hot, target_one_hot, include_background=include_background)
-    return {"dice": dice[0], "hd95": hd95[0], "assd": assd[0]}
+    return {"dice": dice[0], "precision": precision[0], "recall": recall[0], "hd95": hd95[0], "assd": assd[0]}
 
 
 def _class_names(class_channels: Sequence[int], class_names: Sequence[str] | None) -> list[str]:
@@ -675,7 +764,7 @@ def _subject_scores(
         _volume_scores(prediction[..., z], target[..., z], num_classes, include_background)
         for z in range(prediction.shape[-1])
     ]
-    return {metric: torch.stack([scores[metric] for scores in images]).nanmean(0) for metric in SURFACE_METRICS}
+    return {metric: torch.stack([scores[metric] for scores in images]).nanmean(0) for metric in SCORES}
 
 
 def _evaluate_loaded(
@@ -687,7 +776,7 @@ def _evaluate_loaded(
     per_image: bool = False,
 ) -> dict[str, dict]:
     scored = names if include_background else names[1:]
-    per_subject = {metric: {} for metric in SURFACE_METRICS}
+    per_subject = {metric: {} for metric in SCORES}
     for subject, (images, targets) in volumes.items():
         prediction = _predict(network, images, batch_size)
         scores = _subject_scores(prediction, targets, len(names), include_background, per_image)
@@ -699,8 +788,8 @@ def _evaluate_loaded(
     }
     return {
         "per_subject": per_subject["dice"], "mean": mean["dice"],
-        **{f"per_subject_{m}": per_subject[m] for m in ("hd95", "assd")},
-        **{f"mean_{m}": mean[m] for m in ("hd95", "assd")},
+        **{f"per_subject_{m}": per_subject[m] for m in SCORES[1:]},
+        **{f"mean_{m}": mean[m] for m in SCORES[1:]},
     }  # fmt: skip
 
 
@@ -731,10 +820,11 @@ def evaluate_segmenter(
 
     Returns:
         ``{"per_subject": {subject: {class name: Dice}}, "mean": {class name: mean Dice over subjects}}``, and the
-        same for the 95th-percentile Hausdorff and average symmetric surface distances in voxels
-        (``"per_subject_hd95"``, ``"mean_hd95"``, ``"per_subject_assd"``, ``"mean_assd"``). A class absent from both a
+        same for precision, recall and the 95th-percentile Hausdorff and average symmetric surface distances in
+        voxels (``"per_subject_precision"``, ``"mean_precision"``, ..., ``"mean_assd"``). A class absent from both a
         subject's prediction and target is NaN for that subject and left out of the mean; present in only one, its
-        distances are the volume diagonal (see :func:`metrics.surface_distances_per_class`).
+        distances are the volume diagonal (see :func:`metrics.surface_distances_per_class`) and its precision or
+        recall 0.
     """
     names = _class_names(class_channels, class_names)
     formats = {"label_format": label_format, "normalisation": normalisation}
@@ -765,6 +855,8 @@ def compare_training_sets(
     normalisation: str = "zscore_nonzero",
     patch_mixing: Mapping[str, Mapping] | None = None,
     per_image: bool = False,
+    architecture: str = "unet",
+    augmentations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one segmenter per training set, with the same seed and steps, and score each on the same test subjects.
 
@@ -775,32 +867,34 @@ def compare_training_sets(
         test_items: real test slices, ``{subject: items}`` or a flat list with ``"subject"`` and ``"slice_index"``.
         class_channels, merge_into: the classes, see :func:`merge_label_channels`.
         class_names: a name per class; default ``class_0``, ...
-        reference: the training set the others are divided by.
-        steps, batch_size, lr, seed, device, channels: training settings, see :func:`train_segmenter`.
+        reference: the training set the others are compared with.
+        steps, batch_size, lr, seed, device, channels, architecture: training settings, see :func:`train_segmenter`.
         include_background: also score the first class.
         progress: show a progress bar per training set.
         label_format, normalisation: see :func:`load_slice`; the same for training and test items.
         patch_mixing: ``{set name: {"alpha", "patch_size"}}``: those sets are trained with EMIT-Diff's patch mixing
             of each item with one of its ``"synthetic_images"`` (``alpha``: the probability of a real patch).
         per_image: score each test image in 2D and average per subject, see :func:`evaluate_segmenter`.
+        augmentations: ``{set name: one of TRADITIONAL_AUGMENTATIONS}``: those sets are trained with it.
 
     Returns:
-        ``{"reference": name, "mean_dice": {set: {class: Dice}}, "ratio_to_reference": {set: {class: Dice / the
-        reference's Dice}}, "per_subject": {set: {subject: {class: Dice}}}, "num_items": {set: count}}``; a ratio is
-        NaN where the reference's Dice is 0 or NaN. Also ``"per_subject_surface"`` (``{set: {"hd95"|"assd":
-        {subject: {class: voxels}}}}``), ``"confidence_intervals"`` (``{set: {"dice"|"hd95"|"assd": {class: mean
-        and 95 % CI}}}``, a bootstrap over test subjects) and ``"dice_difference_to_reference"`` (``{set: {class:
-        paired Dice difference to the reference with its CI}}``).
+        :func:`summarise_comparison` of the per-subject scores.
 
     Raises:
-        ValueError: no training sets, ``reference`` is not one of them, a set is empty or an item is invalid.
+        ValueError: no training sets, ``reference`` is not one of them, a set is empty, an item is invalid, or a
+            mixing or augmentation setting names an unknown set or augmentation.
     """
     if len(train_sets) == 0:
         raise ValueError("train_sets is empty: name at least one training set.")
     if reference not in train_sets:
         raise ValueError(f"reference training set '{reference}' is not among the training sets {list(train_sets)}.")
-    patch_mixing = dict(patch_mixing or {})
+    patch_mixing, augmentations = dict(patch_mixing or {}), dict(augmentations or {})
     _check_patch_mixing(patch_mixing, train_sets)
+    for name, augmentation in augmentations.items():
+        if name not in train_sets:
+            raise ValueError(f"augmentations name the training set '{name}', which is not among {list(train_sets)}.")
+        _check_choice(f"the augmentation of '{name}'", augmentation, TRADITIONAL_AUGMENTATIONS)
+    _check_choice("architecture", architecture, ARCHITECTURES)
     names = _class_names(class_channels, class_names)
     formats = {"label_format": label_format, "normalisation": normalisation}
     loaded_sets = {
@@ -813,15 +907,46 @@ def compare_training_sets(
         for name, settings in patch_mixing.items()
     }  # fmt: skip
     volumes = _load_volumes(test_items, class_channels, merge_into, formats)
-    mean_dice, per_subject, surface = {}, {}, {}
+    per_subject = {}
     for name, (images, targets) in loaded_sets.items():
         network = _train(
             images, targets, len(class_channels), steps, batch_size, lr, seed, device, channels, None, progress,
-            description=name, mixing=mixing.get(name),
+            description=name, mixing=mixing.get(name), architecture=architecture,
+            augmentation=augmentations.get(name),
         )  # fmt: skip
         scores = _evaluate_loaded(network, volumes, names, include_background, batch_size=64, per_image=per_image)
-        mean_dice[name], per_subject[name] = scores["mean"], scores["per_subject"]
-        surface[name] = {m: scores[f"per_subject_{m}"] for m in ("hd95", "assd")}
+        per_subject[name] = {"dice": scores["per_subject"], **{m: scores[f"per_subject_{m}"] for m in SCORES[1:]}}
+    num_items = {name: len(items) for name, items in train_sets.items()}
+    return summarise_comparison(per_subject, reference, num_items, seed)
+
+
+def summarise_comparison(
+    per_subject: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    reference: str,
+    num_items: Mapping[str, int],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Means, ratios and bootstrap CIs of per-subject scores of several training sets scored on the same subjects.
+
+    Args:
+        per_subject: ``{set: {"dice"|"precision"|"recall"|"hd95"|"assd": {subject: {class: value}}}}``.
+        reference: the set the others are compared with.
+        num_items: training items per set.
+        seed: seed of the bootstrap.
+
+    Returns:
+        ``{"reference": name, "mean_dice": {set: {class: Dice}}, "ratio_to_reference": {set: {class: Dice / the
+        reference's Dice}}, "per_subject": {set: {subject: {class: Dice}}}, "num_items": {set: count}}``; a ratio is
+        NaN where the reference's Dice is 0 or NaN. Also ``"per_subject_metrics"`` (``{set: {"precision"|"recall"|
+        "hd95"|"assd": {subject: {class: value}}}}``, distances in voxels), ``"confidence_intervals"`` (``{set:
+        {metric: {class: mean and 95 % CI}}}``, a bootstrap over test subjects) and
+        ``"dice_difference_to_reference"`` (``{set: {class: paired Dice difference to the reference with its CI}}``).
+    """
+    dice = {name: scores["dice"] for name, scores in per_subject.items()}
+    mean_dice = {
+        name: {cls: _nanmean([scores[cls] for scores in subjects.values()]) for cls in next(iter(subjects.values()))}
+        for name, subjects in dice.items()
+    }
     reference_dice = mean_dice[reference]
     ratios = {
         name: {
@@ -836,32 +961,64 @@ def compare_training_sets(
 
     confidence = {
         name: {
-            "dice": {c: bootstrap_mean_ci(list(per_class(per_subject[name], c).values()), seed=seed) for c in classes},
-            **{
-                m: {c: bootstrap_mean_ci(list(per_class(surface[name][m], c).values()), seed=seed) for c in classes}
-                for m in ("hd95", "assd")
-            },
+            metric: {c: bootstrap_mean_ci(list(per_class(subjects, c).values()), seed=seed) for c in classes}
+            for metric, subjects in scores.items()
         }
-        for name in train_sets
+        for name, scores in per_subject.items()
     }
     dice_difference = {
         name: {
-            c: bootstrap_difference_ci(per_class(per_subject[name], c), per_class(per_subject[reference], c), seed=seed)
+            c: bootstrap_difference_ci(per_class(dice[name], c), per_class(dice[reference], c), seed=seed)
             for c in classes
         }
-        for name in train_sets
+        for name in per_subject
         if name != reference
     }
     return {
         "reference": reference,
         "mean_dice": mean_dice,
         "ratio_to_reference": ratios,
-        "per_subject": per_subject,
-        "per_subject_surface": surface,
+        "per_subject": dice,
+        "per_subject_metrics": {
+            name: {m: values for m, values in scores.items() if m != "dice"} for name, scores in per_subject.items()
+        },
         "confidence_intervals": confidence,
         "dice_difference_to_reference": dice_difference,
-        "num_items": {name: len(items) for name, items in train_sets.items()},
+        "num_items": dict(num_items),
     }
+
+
+def combine_folds(folds: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Results of :func:`compare_training_sets` on the folds of a cross-validation, as one result over every test
+    subject (each tested once, by the fold that held it out); ``"num_items"`` lists each set's size per fold and
+    ``"folds"`` keeps the fold results.
+
+    Raises:
+        ValueError: no folds, folds that compare different sets, or a subject tested in two folds.
+    """
+    if len(folds) == 0:
+        raise ValueError("combine_folds needs at least one fold.")
+    sets = list(folds[0]["per_subject"])
+    for index, fold in enumerate(folds):
+        if list(fold["per_subject"]) != sets:
+            raise ValueError(f"fold {index} compares {list(fold['per_subject'])}, fold 0 {sets}.")
+    seen: dict[str, int] = {}
+    for index, fold in enumerate(folds):
+        for subject in fold["per_subject"][sets[0]]:
+            if subject in seen:
+                raise ValueError(f"subject '{subject}' is tested in folds {seen[subject]} and {index}.")
+            seen[subject] = index
+    metrics = list(folds[0]["per_subject_metrics"][sets[0]])
+
+    def gathered(name: str, metric: str) -> dict[str, dict[str, float]]:
+        merged = {}
+        for fold in folds:
+            merged.update(fold["per_subject"][name] if metric == "dice" else fold["per_subject_metrics"][name][metric])
+        return merged
+
+    per_subject = {name: {metric: gathered(name, metric) for metric in ("dice", *metrics)} for name in sets}
+    num_items = {name: [fold["num_items"][name] for fold in folds] for name in sets}
+    return {**summarise_comparison(per_subject, folds[0]["reference"], num_items, seed), "folds": folds}
 
 
 def format_table(results: Mapping[str, Any], digits: int = 3) -> str:
@@ -877,11 +1034,10 @@ def format_table(results: Mapping[str, Any], digits: int = 3) -> str:
         | synthetic    | 96    | 0.774 (0.95) | 0.861 (0.99) | 0.897 (1.00) |
     """
     mean_dice, ratios = results["mean_dice"], results["ratio_to_reference"]
-    num_items = results.get("num_items", {})
     classes = list(next(iter(mean_dice.values())))
     header = ["training set", "items", *classes]
     rows = [
-        [name, str(num_items.get(name, "")), *(f"{scores[c]:.{digits}f} ({ratios[name][c]:.2f})" for c in classes)]
+        [name, _items(results, name), *(f"{scores[c]:.{digits}f} ({ratios[name][c]:.2f})" for c in classes)]
         for name, scores in mean_dice.items()
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -893,19 +1049,26 @@ def format_table(results: Mapping[str, Any], digits: int = 3) -> str:
     return "\n".join([caption, "", line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
+def _items(results: Mapping[str, Any], name: str) -> str:
+    """A set's training items: a count, or the counts per fold joined by " / "."""
+    count = results.get("num_items", {}).get(name, "")
+    return " / ".join(str(n) for n in count) if isinstance(count, (list, tuple)) else str(count)
+
+
 def _class_mean_per_subject(subjects: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {subject: _nanmean(list(scores.values())) for subject, scores in subjects.items()}
 
 
 def format_summary_table(results: Mapping[str, Any], digits: int = 3, seed: int = 0) -> str:
-    """The result of :func:`compare_training_sets` as one row per training set: Dice, HD95 and ASSD (voxels), each
-    averaged over the classes per test subject, then over subjects, with a 95 % bootstrap CI over subjects, and the
-    paired Dice difference to the reference set with its CI."""
+    """The result of :func:`compare_training_sets` (or :func:`combine_folds`) as one row per training set, the
+    columns of EMIT-Diff's Table 2: Dice, precision, recall, HD95 and ASSD (voxels), each averaged over the classes
+    per test subject, then over subjects, with a 95 % bootstrap CI over subjects, and the paired Dice difference to
+    the reference set with its CI."""
     reference = results["reference"]
-    per_subject = {name: _class_mean_per_subject(subjects) for name, subjects in results["per_subject"].items()}
-    surface = {
-        name: {m: _class_mean_per_subject(results["per_subject_surface"][name][m]) for m in ("hd95", "assd")}
-        for name in per_subject
+    dice = {name: _class_mean_per_subject(subjects) for name, subjects in results["per_subject"].items()}
+    others = {
+        name: {m: _class_mean_per_subject(subjects) for m, subjects in results["per_subject_metrics"][name].items()}
+        for name in dice
     }
 
     def cell(ci: Mapping) -> str:
@@ -913,20 +1076,27 @@ def format_summary_table(results: Mapping[str, Any], digits: int = 3, seed: int 
             return "n/a"
         return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
 
-    def values(scores: Mapping[str, float]) -> list[float]:
-        return list(scores.values())
+    def mean_cell(scores: Mapping[str, float]) -> str:
+        return cell(bootstrap_mean_ci(list(scores.values()), seed=seed))
 
+    columns = [m for m in SCORES[1:] if m in others[reference]]
+    titles = {"precision": "Precision", "recall": "Recall", "hd95": "HD95 (voxels)", "assd": "ASSD (voxels)"}
+    folds = f" ({len(results['folds'])}-fold cross-validation, each subject tested once)" if "folds" in results else ""
     lines = [
-        f"Mean over classes, then over the {len(per_subject[reference])} test subjects; 95 % bootstrap CIs over subjects.",
+        f"Mean over classes, then over the {len(dice[reference])} test subjects{folds}; 95 % bootstrap CIs over "
+        "subjects.",
         "",
-        f"| training set | items | Dice | ΔDice vs {reference} | HD95 (voxels) | ASSD (voxels) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| training set | items | Dice | ΔDice vs {reference} | {' | '.join(titles[m] for m in columns)} |",
+        "| --- | --- | --- | --- |" + " --- |" * len(columns),
     ]
-    for name, subjects in per_subject.items():
-        delta = "–" if name == reference else cell(bootstrap_difference_ci(subjects, per_subject[reference], seed=seed))
-        lines.append(
-            f"| {name} | {results.get('num_items', {}).get(name, '')} | {cell(bootstrap_mean_ci(values(subjects), seed=seed))} "
-            f"| {delta} | {cell(bootstrap_mean_ci(values(surface[name]['hd95']), seed=seed))} "
-            f"| {cell(bootstrap_mean_ci(values(surface[name]['assd']), seed=seed))} |"
-        )
+    for name, subjects in dice.items():
+        delta = "–" if name == reference else cell(bootstrap_difference_ci(subjects, dice[reference], seed=seed))
+        cells = [
+            name,
+            _items(results, name),
+            mean_cell(subjects),
+            delta,
+            *(mean_cell(others[name][m]) for m in columns),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
