@@ -134,25 +134,14 @@ class SliceSegmenter(torch.nn.Module):
             raise ValueError(f"channels must name at least 2 levels, got {tuple(channels)}.")
         _check_choice("architecture", architecture, ARCHITECTURES)
         self.num_classes = num_classes
+        layout = {"spatial_dims": 2, "in_channels": 1, "out_channels": num_classes, "channels": tuple(channels)}
         if architecture == "unet":
             self.size_divisor = 2 ** (len(channels) - 2)
-            self.unet = UNet(
-                spatial_dims=2,
-                in_channels=1,
-                out_channels=num_classes,
-                channels=tuple(channels),
-                strides=(1,) + (2,) * (len(channels) - 2),
-                num_res_units=num_res_units,
-            )
+            strides = (1,) + (2,) * (len(channels) - 2)
+            self.unet = UNet(**layout, strides=strides, num_res_units=num_res_units)
         else:
             self.size_divisor = 2 ** (len(channels) - 1)
-            self.unet = AttentionUnet(
-                spatial_dims=2,
-                in_channels=1,
-                out_channels=num_classes,
-                channels=tuple(channels),
-                strides=(2,) * (len(channels) - 1),
-            )
+            self.unet = AttentionUnet(**layout, strides=(2,) * (len(channels) - 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Map z-scored slices ``[B, 1, X, Y]`` to class logits ``[B, num_classes, X, Y]``."""
