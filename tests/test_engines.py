@@ -209,14 +209,15 @@ def test_schedulers_share_the_training_betas_and_do_not_clip(name):
     assert getattr(scheduler, "clip_sample", False) is False
 
 
-def _gaussian_sample_std(scheduler, num_steps: int, data_std: float = 0.5) -> float:
-    """Std of 20,000 samples drawn with the exact epsilon of x0 ~ N(0, data_std^2) on ``num_steps`` steps."""
+def _gaussian_sample_std(scheduler, num_steps: int, data_std: float = 0.5, shrink: float = 0.0) -> float:
+    """Std of 20,000 samples drawn with the exact epsilon of x0 ~ N(0, data_std^2) on ``num_steps`` steps
+    (``shrink``: the epsilon scaled by ``1 - shrink``, a systematic error of a trained network)."""
     scheduler.set_timesteps(num_steps)
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(2000, 1, 10, generator=generator, dtype=torch.float64)  # [B, C, spatial]
     for t in scheduler.timesteps:
         alpha_bar = scheduler.alphas_cumprod[t].double()
-        epsilon = (1 - alpha_bar).sqrt() * sample / (alpha_bar * data_std**2 + 1 - alpha_bar)
+        epsilon = (1 - shrink) * (1 - alpha_bar).sqrt() * sample / (alpha_bar * data_std**2 + 1 - alpha_bar)
         sample, _ = scheduler.step(epsilon, t, sample, generator=generator)
     return sample.std().item()
 
@@ -232,6 +233,23 @@ def test_ddpm_is_refused_off_the_training_grid_where_monai_s_step_is_wrong():
     assert all(_gaussian_sample_std(monai_ddpm, n) > 0.6 for n in (50, 200))  # measured 0.70 and 0.65
     with pytest.raises(ValueError, match="'ddpm' samples only on the 1000-step training grid.*use 'ddim' with eta 1"):
         make_scheduler("ddpm").set_timesteps(50)
+
+
+def test_clipping_x0_keeps_long_cosine_grids_from_amplifying_a_systematic_epsilon_error():
+    """On the cosine schedule (last beta 0.999) an epsilon error is amplified by 1 / sqrt(alpha_bar) in the first
+    steps, more so the closer the grid starts to t = 999: with an epsilon 3 % too small, DDIM's sample std drifts
+    from 0.49 (50 steps) to 0.65 (500); bounding x0 to 6 data SDs holds it at 0.56."""
+    settings = {"schedule": "cosine", "timestep_spacing": "leading"}
+    free = [_gaussian_sample_std(make_scheduler("ddim", **settings), n, shrink=0.03) for n in (50, 500)]
+    bounded = _gaussian_sample_std(
+        make_scheduler("ddim", clip_sample=True, clip_sample_range=3.0, **settings), 500, shrink=0.03
+    )
+    assert free[1] > free[0] + 0.05 and bounded < free[1] - 0.05
+    assert _gaussian_sample_std(make_scheduler("ddim", clip_sample=True, clip_sample_range=3.0, **settings), 500) == (
+        pytest.approx(_gaussian_sample_std(make_scheduler("ddim", **settings), 500))
+    )  # an exact denoiser never reaches the bound
+    with pytest.raises(ValueError, match="clip_sample applies to 'ddpm' and 'ddim' only, not 'heun'"):
+        make_scheduler("heun", clip_sample=True)
 
 
 def test_unknown_scheduler_is_rejected():

@@ -78,7 +78,9 @@ class StochasticDDIMScheduler(DDIMScheduler):
         super().set_timesteps(num_inference_steps, device)
         if getattr(self, "timestep_spacing", "linspace") == "leading":  # unset while DDIMScheduler.__init__ runs
             step = self.num_train_timesteps // num_inference_steps
-            self.timesteps = torch.arange(num_inference_steps - 1, -1, -1, device=device).long() * step + self.steps_offset
+            self.timesteps = (
+                torch.arange(num_inference_steps - 1, -1, -1, device=device).long() * step + self.steps_offset
+            )
 
     def step(self, model_output, timestep, sample, eta=None, generator=None):  # type: ignore[override]
         eta = self.eta if eta is None else eta
@@ -112,6 +114,7 @@ def make_scheduler(
     beta_end: float = 0.0195,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
     eta: float = 0.0,
     timestep_spacing: str = "linspace",
     **karras_args,
@@ -122,13 +125,18 @@ def make_scheduler(
     ``karras_args`` such as ``s_churn`` go to it), or MONAI's ``"rflow"`` for models trained with rectified flow
     (``karras_args`` then go to ``RFlowScheduler``). Every one plans ``len(scheduler.timesteps)`` network calls.
 
-    ``clip_sample`` applies to DDPM/DDIM (PNDM never clips);
-    latents are not bounded to [-1, 1], so it defaults to False. ``eta`` and ``timestep_spacing`` are DDIM's (see
-    :class:`StochasticDDIMScheduler`); other schedulers reject a non-default one."""
+    ``clip_sample`` applies to DDPM/DDIM (PNDM never clips): it bounds each step's predicted x0 to
+    ``[-clip_sample_range, clip_sample_range]``. Latents are not bounded to [-1, 1], so it defaults to False; a
+    latent model whose schedule ends at a vanishing signal (the cosine schedule's last beta is 0.999) clips to a
+    range of a few latent SDs, since there a noise prediction error is amplified by ``1 / sqrt(alpha_bar)``.
+    ``eta`` and ``timestep_spacing`` are DDIM's (see :class:`StochasticDDIMScheduler`); other schedulers reject a
+    non-default one."""
     import monai.networks.schedulers as schedulers
 
     if name not in SCHEDULERS and name not in SOLVERS and name != "rflow":
         raise ValueError(f"unknown scheduler '{name}'; choose one of {sorted(SCHEDULERS) + ['rflow', *SOLVERS]}.")
+    if clip_sample and name not in ("ddpm", "ddim"):
+        raise ValueError(f"clip_sample applies to 'ddpm' and 'ddim' only, not '{name}'.")
     kwargs = dict(num_train_timesteps=num_train_timesteps, schedule=schedule)
     if schedule != "cosine":  # the cosine schedule (Nichol & Dhariwal) has no beta range
         kwargs.update(beta_start=beta_start, beta_end=beta_end)
@@ -136,21 +144,32 @@ def make_scheduler(
     if karras_args and name not in (*SOLVERS, "rflow"):
         raise ValueError(f"{sorted(karras_args)} apply to the EDM samplers {list(SOLVERS)} only, not '{name}'.")
     if name == "rflow":  # velocity-trained models only: its step integrates v, whatever the noise schedule
-        if schedule != "scaled_linear_beta" or prediction_type != "epsilon" or eta != 0.0 or timestep_spacing != "linspace":
+        if (
+            schedule != "scaled_linear_beta"
+            or prediction_type != "epsilon"
+            or eta != 0.0
+            or timestep_spacing != "linspace"
+        ):
             raise ValueError("'rflow' has no noise schedule, prediction type, eta or spacing to set.")
         return schedulers.RFlowScheduler(num_train_timesteps=num_train_timesteps, **karras_args)
     if name in SOLVERS:
         if eta != 0.0 or timestep_spacing != "linspace":
-            raise ValueError(f"eta and timestep_spacing apply to DDIM only, got eta={eta}, {timestep_spacing!r} for '{name}'.")
+            raise ValueError(
+                f"eta and timestep_spacing apply to DDIM only, got eta={eta}, {timestep_spacing!r} for '{name}'."
+            )
         return KarrasScheduler(solver=name, **kwargs, **karras_args)
     if name in ("ddpm", "ddim"):
-        kwargs["clip_sample"] = clip_sample
+        if clip_sample_range <= 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}.")
+        kwargs.update(clip_sample=clip_sample, clip_sample_min=-clip_sample_range, clip_sample_max=clip_sample_range)
     if name == "pndm":
         kwargs["skip_prk_steps"] = True
     if name == "ddim":
         return StochasticDDIMScheduler(eta=eta, timestep_spacing=timestep_spacing, **kwargs)
     if eta != 0.0 or timestep_spacing != "linspace":
-        raise ValueError(f"eta and timestep_spacing apply to DDIM only, got eta={eta}, {timestep_spacing!r} for '{name}'.")
+        raise ValueError(
+            f"eta and timestep_spacing apply to DDIM only, got eta={eta}, {timestep_spacing!r} for '{name}'."
+        )
     if name == "ddpm":
         return TrainingGridDDPMScheduler(**kwargs)
     return getattr(schedulers, SCHEDULERS[name])(**kwargs)
@@ -285,5 +304,9 @@ class LatentDiffusionSampler(Inferer):
         decoded = apply_output_activation(
             torch.as_tensor(decoded).float(), self.output_activation, self.output_temperature
         )
-        names = [f"sample_{s:06d}" for s in seeds] if seeds is not None else [f"sample_{i:06d}" for i in range(len(decoded))]
+        names = (
+            [f"sample_{s:06d}" for s in seeds]
+            if seeds is not None
+            else [f"sample_{i:06d}" for i in range(len(decoded))]
+        )
         return named_batch(decoded, names, self.spacing)
