@@ -139,3 +139,12 @@ def test_cross_validation_tests_every_patient_once_against_traditional_augmentat
     assert "2-fold cross-validation" in report and "| real, mirror augmentation | 8 / 8 |" in report
     with pytest.raises(SystemExit):  # --folds tests on the held-out folds, not on a test split
         utility.main([*args, "--test", f"{folder / 'datalist.json'}:test"])
+
+
+def test_cross_validation_refuses_entries_without_a_patient_key(segmentation_data, tmp_path):
+    folder = segmentation_data
+    args = ["segmentation", "--real", f"{folder / 'datalist.json'}:training", "--folds", "2", "--group-key", "case",
+            "--synthetic", str(folder / "datalist_synthetic.json"), "--classes", "0", "1", "2", "--merge-into", "0",
+            "--out", str(tmp_path), *FAST]  # fmt: skip
+    with pytest.raises(ValueError, match="--folds splits by 'case', which 16 entries of .* lack \\(first: entry 0\\)"):
+        utility.main(args)

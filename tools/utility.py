@@ -29,8 +29,8 @@ for, and scores them all on the same real test patients:
 and tests on its own; every patient is tested once and the CIs run over all of them. ``--where KEY=VALUE`` keeps the
 entries of one task of a shared datalist.
 
-Segmentation reports Dice, precision, recall, HD95 and ASSD per class and their class means with patient-level bootstrap CIs
-(:mod:`medgen_common.segmentation_utility`); classification reports accuracy, macro-AUROC and ΔAUROC with
+Segmentation reports Dice, precision, recall, HD95 and ASSD per class and their class means with patient-level
+bootstrap CIs (:mod:`medgen_common.segmentation_utility`); classification reports accuracy, macro-AUROC and ΔAUROC with
 patient-level bootstrap CIs (:mod:`medgen_common.classification_utility`). ``utility.json`` and ``utility.md`` are
 written to ``--out``.
 """
@@ -139,7 +139,13 @@ def segmentation(args) -> dict:
     if not args.folds:
         results = compare(real, synthetic, test)
     else:  # the synthetic items of a fold are those generated from its training items
-        folds = patient_folds([item.get(args.group_key) for item in real], args.folds, args.seed)
+        missing = [index for index, item in enumerate(real) if args.group_key not in item]
+        if missing:
+            raise ValueError(
+                f"--folds splits by '{args.group_key}', which {len(missing)} entries of {args.real} lack (first: "
+                f"entry {missing[0]}); name the patient key with --group-key."
+            )
+        folds = patient_folds([item[args.group_key] for item in real], args.folds, args.seed)
         fold_results = []
         for index, held_out in enumerate(folds):
             print(f"fold {index + 1}/{len(folds)}: {len(held_out)} test items")
