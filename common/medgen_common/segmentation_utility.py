@@ -29,6 +29,10 @@ lists, under ``"synthetic_images"``, one or more synthetic images generated from
 each real slice is mixed patch-wise with one of them, drawn at random, keeping the real label
 (:func:`~medgen_common.downstream_statistics.patch_mix`).
 
+EMIT-Diff's study adds the rest: MONAI's ``AttentionUnet`` as the segmenter (``architecture``), one arm per
+traditional augmentation (:func:`traditional_augmentation`), precision and recall beside Dice, HD95 and ASSD, and
+K-fold cross-validation whose folds :func:`combine_folds` joins into one result over every subject.
+
 Images are normalised by ``normalisation``: ``"zscore_nonzero"`` (the default) z-scores inside the non-zero
 (skull-stripped brain) region and leaves the outside at 0; ``"zscore"`` z-scores over the whole image (images that
 are not skull-stripped, e.g. ultrasound); ``"none"`` passes intensities as they are (images already in a fixed
