@@ -176,10 +176,14 @@ def traditional_augmentation(name: str, prob: float = 0.5, seed: int = 0) -> Com
         "gamma": lambda: RandAdjustContrastd("image", prob=prob, gamma=(0.7, 1.5)),
         "brightness": lambda: RandShiftIntensityd("image", prob=prob, offsets=0.25),
         "noise": lambda: RandGaussianNoised("image", prob=prob, std=0.1),
-        "resolution": lambda: RandSimulateLowResolutiond("image", prob=prob, zoom_range=(0.5, 1.0), upsample_mode="bilinear"),
+        "resolution": lambda: RandSimulateLowResolutiond(
+            "image", prob=prob, zoom_range=(0.5, 1.0), upsample_mode="bilinear"
+        ),
         "mirror": lambda: RandAxisFlipd(both, prob=prob),
         "rotate": lambda: RandRotated(both, range_x=math.radians(15), prob=prob, mode=nearest, padding_mode="zeros"),
-        "scale": lambda: RandZoomd(both, prob=prob, min_zoom=0.85, max_zoom=1.15, mode=nearest, padding_mode="constant"),
+        "scale": lambda: RandZoomd(
+            both, prob=prob, min_zoom=0.85, max_zoom=1.15, mode=nearest, padding_mode="constant"
+        ),
     }
     transform = Compose([factories[name]()])
     transform.set_random_state(seed=seed)
