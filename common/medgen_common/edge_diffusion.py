@@ -31,6 +31,7 @@ from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from .datalist import load_datalist
 from .edges import edge_f1, edge_map, image_edges
 from .guidance import CONTEXT, classifier_free_guidance, guided_sample
 from .metrics import paired_fidelity
@@ -248,8 +249,6 @@ def task_entries(
     Raises:
         ValueError: the split has no entry of the task (the message lists the tasks it has).
     """
-    from .datalist import load_datalist
-
     entries = load_datalist(datalist, split, list(keys))
     chosen = [entry for entry in entries if task is None or entry.get("task") == task]
     if not chosen:
