@@ -11,7 +11,15 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from medgen_common.mri import MultiCoilMRI, SingleCoilMRI, fft2c, make_mask, synthetic_coil_maps
-from medgen_common.posterior_sampling import DiffusionPrior, dds, dps, mcg, posterior_statistics, predictor_corrector
+from medgen_common.posterior_sampling import (
+    DiffusionPrior,
+    _timesteps,
+    dds,
+    dps,
+    mcg,
+    posterior_statistics,
+    predictor_corrector,
+)
 
 SHAPE = (16, 16)
 BATCH = 48
@@ -57,9 +65,40 @@ def test_solvers_sample_the_known_posterior_and_count_evaluations(solver, steps,
     operator = SingleCoilMRI(make_mask("uniform1d", SHAPE, 4, center_fraction=0.125, seed=0))
     measured = _measurement(operator)
     keyword = "num_levels" if solver is predictor_corrector else "num_steps"
-    samples = solver(prior, operator, measured, (BATCH, *SHAPE), **{keyword: steps}, generator=torch.Generator().manual_seed(1))
+    samples = solver(
+        prior, operator, measured, (BATCH, *SHAPE), **{keyword: steps}, generator=torch.Generator().manual_seed(1)
+    )
     assert samples.shape == (BATCH, *SHAPE) and samples.is_complex()
     assert prior.nfe == nfe
+    _check_posterior(samples, operator, measured)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 6.0])
+@pytest.mark.parametrize("steps", [2, 10, 50, 200])
+def test_timestep_spacing_is_distinct_decreasing_and_spans_the_schedule(steps, power):
+    timesteps = _timesteps(_prior(), steps, power)
+    assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] == 0
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+
+
+def test_timestep_spacing_power_moves_steps_to_low_noise():
+    prior = _prior()
+    assert _timesteps(prior, 50) == torch.linspace(999, 0, 50).round().long().tolist()  # power 1: even spacing
+    assert _timesteps(prior, 1000, 3.0) == list(range(999, -1, -1))  # every spacing covers the full grid
+    below_100 = [sum(t < 100 for t in _timesteps(prior, 50, power)) for power in (1.0, 2.0, 3.0)]
+    assert below_100[0] < below_100[1] < below_100[2]
+    assert below_100[0] == 5  # even spacing: 999 / 49 = 20.4 apart
+    # (T-1) u^3 < 100 for u < 0.464: 23 of the 50 steps
+    assert below_100[2] == 23
+
+
+def test_dds_with_spacing_power_counts_evaluations_and_samples_the_posterior():
+    prior = _prior()
+    operator = SingleCoilMRI(make_mask("uniform1d", SHAPE, 4, center_fraction=0.125, seed=0))
+    measured = _measurement(operator)
+    samples = dds(prior, operator, measured, (BATCH, *SHAPE), num_steps=20, spacing_power=3.0,
+                  generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert prior.nfe == 20
     _check_posterior(samples, operator, measured)
 
 
@@ -126,7 +165,9 @@ def test_posterior_spread_grows_with_acceleration():
         operator_measured[acceleration] = (operator, _measurement(operator)[:4])
     spreads = {}
     for acceleration, (operator, measured) in operator_measured.items():
-        _, std = posterior_statistics(lambda g: dds(_prior(), operator, measured, (4, *SHAPE), num_steps=20, generator=g), 6)
+        _, std = posterior_statistics(
+            lambda g: dds(_prior(), operator, measured, (4, *SHAPE), num_steps=20, generator=g), 6
+        )
         spreads[acceleration] = float(std.mean())
     # magnitudes compress the spread (measured ratio 1.12 for this white-noise prior; brain images differ more)
     assert spreads[8] > 1.05 * spreads[2]
@@ -136,4 +177,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="image_type"):
         _prior("magnitude")
     with pytest.raises(ValueError, match="num_steps"):
-        dds(_prior(), SingleCoilMRI(torch.ones(SHAPE, dtype=torch.bool)), torch.zeros(1, *SHAPE), (1, *SHAPE), num_steps=0)
+        dds(
+            _prior(),
+            SingleCoilMRI(torch.ones(SHAPE, dtype=torch.bool)),
+            torch.zeros(1, *SHAPE),
+            (1, *SHAPE),
+            num_steps=0,
+        )
+    with pytest.raises(ValueError, match="spacing_power"):
+        _timesteps(_prior(), 50, 0.0)

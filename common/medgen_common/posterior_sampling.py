@@ -83,11 +83,19 @@ class DiffusionPrior:
         return -self.eps(self.abar(t) ** 0.5 * x_ve, t) / self.sigma(t)
 
 
-def _timesteps(prior: DiffusionPrior, num_steps: int) -> list[int]:
-    """``num_steps`` VP timesteps from T - 1 down to 0, evenly spaced."""
+def _timesteps(prior: DiffusionPrior, num_steps: int, spacing_power: float = 1.0) -> list[int]:
+    """``num_steps`` distinct VP timesteps from T - 1 down to 0 at ``(T - 1) u^spacing_power``, ``u`` evenly spaced
+    in [1, 0]: power 1 is even spacing, 2 is DDIM's "quadratic", and larger powers put more steps at low noise.
+    With ``num_steps = T`` every spacing is the full training grid."""
     if not 1 <= num_steps <= prior.num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {prior.num_train_timesteps}], got {num_steps}.")
-    return torch.linspace(prior.num_train_timesteps - 1, 0, num_steps).round().long().tolist()
+    if spacing_power <= 0:
+        raise ValueError(f"spacing_power must be positive, got {spacing_power}.")
+    fraction = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64) ** spacing_power
+    timesteps = (fraction * (prior.num_train_timesteps - 1)).round().long().tolist()
+    for i in range(num_steps - 2, -1, -1):  # rounding merges low-noise steps: keep them strictly decreasing
+        timesteps[i] = max(timesteps[i], timesteps[i + 1] + 1)
+    return timesteps
 
 
 def _data_consistency(prior: DiffusionPrior, operator, image: torch.Tensor, measured: torch.Tensor,
@@ -98,7 +106,9 @@ def _data_consistency(prior: DiffusionPrior, operator, image: torch.Tensor, meas
         consistent = operator.project(image, measured)
     else:
         consistent = conjugate_gradient(operator.normal, operator.AH(measured), image, iterations=cg_iterations)
-    return torch.complex(consistent.real, torch.zeros_like(consistent.real)) if prior.image_type == "real" else consistent
+    return (
+        torch.complex(consistent.real, torch.zeros_like(consistent.real)) if prior.image_type == "real" else consistent
+    )
 
 
 def _noise(shape, reference: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -114,15 +124,16 @@ def _initial(prior: DiffusionPrior, measured: torch.Tensor, shape, generator) ->
 
 def dds(
     prior: DiffusionPrior, operator, measured: torch.Tensor, image_shape: tuple[int, int, int], num_steps: int = 50,
-    cg_iterations: int = 5, eta: float = 0.85, generator: torch.Generator | None = None,
+    cg_iterations: int = 5, eta: float = 0.85, spacing_power: float = 1.0, generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Decomposed Diffusion Sampler (chapter Eqs. 7.39-7.40): ``num_steps`` network evaluations.
+    """Decomposed Diffusion Sampler (chapter Eqs. 7.39-7.40): ``num_steps`` network evaluations on timesteps
+    spaced by ``spacing_power`` (1 = the paper's even spacing; see ``_timesteps``).
 
     Each step: x0_hat = Tweedie(x_t); x0_hat <- data consistency (exact projection, or ``cg_iterations`` CG steps
     on A^H A warm-started at x0_hat); x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) (eta z + sqrt(1 -
     eta^2) eps), DDS's noise mix (not the DDIM paper's eta). Returns the last data-consistent estimate ``[B, H, W]``.
     """
-    timesteps = _timesteps(prior, num_steps)
+    timesteps = _timesteps(prior, num_steps, spacing_power)
     x = _initial(prior, measured, image_shape, generator)
     with torch.no_grad():
         for t, t_next in zip(timesteps, timesteps[1:] + [None]):
@@ -230,7 +241,9 @@ def mcg(
     return _guided_ancestral(prior, operator, measured, image_shape, num_steps, step_size, generator, manifold=True)
 
 
-def posterior_statistics(sample: Callable[[torch.Generator], torch.Tensor], num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior_statistics(
+    sample: Callable[[torch.Generator], torch.Tensor], num_samples: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise mean and standard deviation of the magnitude over ``num_samples`` posterior samples
     ``sample(generator) -> [B, H, W]``, each drawn with its own seed (``seed + k``). Returns two ``[B, H, W]``."""
     if num_samples < 2:
