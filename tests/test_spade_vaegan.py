@@ -57,6 +57,28 @@ def test_generator_keeps_config_channel_lists_and_decodes_2d_and_3d():
         generator.decode(torch.rand(1, 3, 32, 32), torch.zeros(1, 8))
 
 
+def test_background_channel_zeroes_the_output_outside_the_label_map():
+    torch.manual_seed(0)
+    labels = _labels(2)  # band 0 of each map is the background
+    plain = _generator()
+    masked = _generator()
+    masked.load_state_dict(plain.state_dict())
+    masked.background_channel = 0
+    style = torch.rand(2, 1, 32, 32)
+    image, expected = masked.generate(labels, style), plain.generate(labels, style)
+    background = labels.argmax(1, keepdim=True) == 0
+    assert background.any() and (~background).any()
+    assert expected[background].abs().min() > 0  # the unmasked network does not output 0 there by itself
+    assert torch.all(image[background] == 0)
+    torch.testing.assert_close(image[~background], expected[~background])
+    volume = torch.rand(1, 4, 16, 16, 8).softmax(1)
+    generator_3d = StyleSpadeGenerator(3, 4, (16, 16, 8), (32, 32), [8, 16], [16, 8], z_dim=8, background_channel=0)
+    output = generator_3d.generate(volume, style[:1])
+    assert torch.all(output[volume.argmax(1, keepdim=True) == 0] == 0)
+    with pytest.raises(ValueError, match="background_channel"):
+        StyleSpadeGenerator(2, 4, (32, 32), (32, 32), [8], [8], background_channel=4)
+
+
 def test_generate_uses_the_posterior_mean():
     generator = _generator().eval()
     labels, style = _labels(1), torch.rand(1, 1, 32, 32)
@@ -75,7 +97,13 @@ def _trainer(generator, discriminator, batch, epochs, **kwargs):
 
 def _discriminator(label_nc=4):
     return MultiScalePatchDiscriminator(
-        num_d=2, num_layers_d=1, spatial_dims=2, channels=8, in_channels=label_nc + 1, norm="INSTANCE", minimum_size_im=32
+        num_d=2,
+        num_layers_d=1,
+        spatial_dims=2,
+        channels=8,
+        in_channels=label_nc + 1,
+        norm="INSTANCE",
+        minimum_size_im=32,
     )
 
 
@@ -103,6 +131,25 @@ def test_spade_trainer_learns_to_draw_the_label_on_a_fixed_batch():
     assert outputs[-1]["consistency"] > 0 and outputs[-1]["kld"] > 0 and outputs[-1]["discriminator"] > 0
 
 
+def test_reconstruction_term_adds_its_weighted_l1_to_the_generator_loss():
+    labels = _labels(2)
+    batch = {"label": labels, "image": torch.rand(2, 1, 32, 32), "style": torch.rand(2, 1, 32, 32),
+             "contrast": torch.zeros(2, dtype=torch.long)}  # fmt: skip
+    outputs = []
+    for weight in (0.0, 4.0):
+        torch.manual_seed(0)  # same networks and the same sampled style code for both weights
+        trainer = _trainer(_generator(), _discriminator(), batch, 1, reconstruction_weight=weight)
+        torch.manual_seed(1)
+        trainer.run()
+        outputs.append(trainer.state.output)
+    plain, weighted = outputs
+    assert float(plain["reconstruction"]) > 0.1
+    torch.testing.assert_close(weighted["reconstruction"], plain["reconstruction"])
+    torch.testing.assert_close(weighted["loss"] - plain["loss"], 4.0 * plain["reconstruction"])
+    with pytest.raises(ValueError, match="reconstruction_weight"):
+        _trainer(_generator(), _discriminator(), batch, 1, reconstruction_weight=-1.0)
+
+
 def test_discriminator_sees_hard_labels_and_classifier_stays_frozen():
     labels = _labels(2)
     seen = []
@@ -118,7 +165,12 @@ def test_discriminator_sees_hard_labels_and_classifier_stays_frozen():
 
     classifier = ContrastClassifier(3, init_features=4, growth_rate=4, block_config=(1, 1))
     frozen = [p.detach().clone() for p in classifier.parameters()]
-    batch = {"label": labels, "image": torch.rand(2, 1, 32, 32), "style": torch.rand(2, 1, 32, 32), "contrast": torch.tensor([0, 2])}
+    batch = {
+        "label": labels,
+        "image": torch.rand(2, 1, 32, 32),
+        "style": torch.rand(2, 1, 32, 32),
+        "contrast": torch.tensor([0, 2]),
+    }
     trainer = _trainer(_generator(), SpyDiscriminator(), batch, 1, classifier=classifier, contrast_weight=2.5)
     trainer.run()
     assert all(set(torch.unique(x).tolist()) == {0.0, 1.0} for x in seen)  # one_hot(argmax(label)), not the soft map
@@ -132,12 +184,17 @@ def test_discriminator_sees_hard_labels_and_classifier_stays_frozen():
 
 def test_style_pairs_draw_the_style_from_other_slices_of_the_same_subject():
     entries = [
-        {"subject": s, "label": f"{s}_{z}_label", "t1": f"{s}_{z}_t1", "t2": f"{s}_{z}_t2"} for s in ("a", "b") for z in range(3)
+        {"subject": s, "label": f"{s}_{z}_label", "t1": f"{s}_{z}_t1", "t2": f"{s}_{z}_t2"}
+        for s in ("a", "b")
+        for z in range(3)
     ]
     items = make_style_pairs(entries, ["t1", "t2"])
     assert len(items) == 12 and {i["contrast"] for i in items} == {0, 1}
     first = items[0]
-    assert first["image"] == "a_0_t1" and first["style"] == ["a_1_t1", "a_2_t1"]  # same subject and contrast, not itself
+    assert first["image"] == "a_0_t1" and first["style"] == [
+        "a_1_t1",
+        "a_2_t1",
+    ]  # same subject and contrast, not itself
     assert all(s.startswith(i["subject"]) and s != i["image"] for i in items for s in i["style"])
     assert make_style_pairs(entries, ["t2"], style_from_same_entry=True)[0]["style"] == ["a_0_t2"]  # 3D: own volume
     with pytest.raises(DatalistError, match="single slice"):
@@ -161,7 +218,9 @@ def test_style_transforms_pick_slice_and_stack(tmp_path):
     for z in range(3):  # slices of one volume: same shape, different affines
         affine = np.eye(4)
         affine[2, 3] = z * 3.0
-        paths.append(str(save_nifti(np.full((4, 5), z, np.float32), tmp_path / f"s{z}.nii.gz", affine, channel_first=False)))
+        paths.append(
+            str(save_nifti(np.full((4, 5), z, np.float32), tmp_path / f"s{z}.nii.gz", affine, channel_first=False))
+        )
     stacked = LoadStackd("style")({"style": paths})["style"]
     assert stacked.shape == (3, 4, 5, 1) and stacked[2].max() == 2
     save_nifti(np.zeros((3, 3), np.float32), tmp_path / "small.nii.gz", channel_first=False)
@@ -208,7 +267,9 @@ def test_rejection_moves_to_the_next_style_until_the_contrast_is_right():
 
 
 def test_synthesis_items_pair_each_label_with_styles_of_each_contrast():
-    items = make_synthesis_items(["/d/sub-1_z010_label.nii.gz"], {"t1": ["a", "b", "d"], "t2": ["c"]}, ["t1", "t2"], tries=3)
+    items = make_synthesis_items(
+        ["/d/sub-1_z010_label.nii.gz"], {"t1": ["a", "b", "d"], "t2": ["c"]}, ["t1", "t2"], tries=3
+    )
     assert [i["output_name"] for i in items] == ["sub-1_z010_t1", "sub-1_z010_t2"]
     assert sorted(items[0]["style"]) == ["a", "b", "d"]  # without replacement while the pool is large enough
     assert items[1]["style"] == ["c", "c", "c"]
@@ -297,7 +358,8 @@ def test_synthesis_report_scores_contrast_ordering_and_style_swaps(tmp_path):
     save_nifti(image(rows["t1"]), out / "a_t1.nii.gz", channel_first=False)  # keeps T1 ordering
     save_nifti(image(rows["t1"]), out / "a_t2.nii.gz", channel_first=False)  # ignores the T2 style
     items = [
-        {"label": label_path, "contrast": i, "contrast_name": c, "output_name": f"a_{c}"} for i, c in enumerate(("t1", "t2"))
+        {"label": label_path, "contrast": i, "contrast_name": c, "output_name": f"a_{c}"}
+        for i, c in enumerate(("t1", "t2"))
     ]
     report = synthesis_report(items, str(out), channel_names, real, [label_path])
     assert report["expected_ordering"] == {"t1": "wm > gm > csf", "t2": "csf > gm > wm"}

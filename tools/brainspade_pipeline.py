@@ -2,7 +2,7 @@
 ``brainspade_label_ldm``, synthetic images of them from ``spade_vaegan``, then the same segmenter trained on real,
 synthetic and real + synthetic data and tested on held-out real subjects (Dice per tissue, in 3D).
 
-    python -m tools.brainspade_pipeline --demo-dir demo [--num-labels 200] [--contrast t1] [--ood-contrast flair]
+    python -m tools.brainspade_pipeline --demo-dir demo [--num-labels 400] [--contrast t1] [--ood-contrast flair]
 
 ``--demo-dir`` is the output of ``python -m tools.run_demo`` (trained bundles in ``<demo>/<bundle>/bundle``, data in
 ``<demo>/<bundle>/data``); ``--label-bundle``, ``--image-bundle`` and ``--dataset-dir`` point elsewhere. Writes
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-bundle", type=Path, help="trained spade_vaegan (default: in --demo-dir)")
     parser.add_argument("--dataset-dir", type=Path, help="folder of datalist_2d.json (default: spade_vaegan's demo data)")
     parser.add_argument("--out", type=Path, help="output folder (default: <demo-dir>/brainspade_pipeline)")
-    parser.add_argument("--num-labels", type=int, default=200, help="synthetic label maps (default 200)")
+    parser.add_argument("--num-labels", type=int, default=400, help="synthetic label maps (default 400)")
     parser.add_argument("--contrast", default="t1", help="contrast of the in-distribution experiment (default t1)")
     parser.add_argument("--ood-contrast", default="flair", help="unseen contrast of the OOD experiment ('' to skip)")
     parser.add_argument("--steps", type=int, default=500, help="segmenter training steps per set (default 500)")

@@ -11,9 +11,9 @@ archived metadata adds the ones the vendored code imports), and its weights when
 ``dist/registry.json`` lists name, version, archive, SHA-256 and required packages; MONAI downloads from it
 offline with
 
-    python -m monai.bundle download --name spade_vaegan --url file:///abs/dist/spade_vaegan_0.1.2.zip --bundle_dir D
+    python -m monai.bundle download --name spade_vaegan --url file:///abs/dist/spade_vaegan_0.1.3.zip --bundle_dir D
 
-(or ``--url http://127.0.0.1:8000/spade_vaegan_0.1.2.zip`` with ``python -m http.server`` in ``dist``).
+(or ``--url http://127.0.0.1:8000/spade_vaegan_0.1.3.zip`` with ``python -m http.server`` in ``dist``).
 ``fetch`` does the same from the registry (a path or an http URL) and also checks the archive's SHA-256 and
 refuses unsafe members before anything is extracted. Either way, every workflow of the bundle checks its weights
 against ``models/checksums.json`` before it loads them. Run the bundle from its folder (MONAI puts the working

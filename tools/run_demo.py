@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "--override", action="append", default=[], metavar="KEY=VALUE",
         help="config override passed to every workflow, e.g. epochs=5 (JSON values; repeatable)",
     )  # fmt: skip
-    parser.add_argument("--pipeline-labels", type=int, default=200, help="synthetic labels of the brainSPADE pipeline")
+    parser.add_argument("--pipeline-labels", type=int, default=400, help="synthetic labels of the brainSPADE pipeline")
     parser.add_argument("--pipeline-steps", type=int, default=500, help="segmenter steps of the brainSPADE pipeline")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()

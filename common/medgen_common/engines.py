@@ -178,7 +178,9 @@ class GanTrainerBase(Trainer):
         device_type = torch.device(self.state.device).type
         return torch.autocast(device_type, enabled=self.amp and enabled, **(self.amp_kwargs or {}))
 
-    def optimizer_step(self, loss: torch.Tensor, network: nn.Module, optimizer: torch.optim.Optimizer, name: str) -> None:
+    def optimizer_step(
+        self, loss: torch.Tensor, network: nn.Module, optimizer: torch.optim.Optimizer, name: str
+    ) -> None:
         """Back-propagate ``loss`` and step ``optimizer`` through its scaler, clipping ``network``'s gradients.
 
         A NaN or infinite ``loss`` stops training (``nonfinite_loss="raise"``) or skips this update, counted in
@@ -258,7 +260,11 @@ class AutoencoderGanTrainer(GanTrainerBase):
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.reconstruction_loss = reconstruction_loss
         self.perceptual_loss = perceptual_loss
-        self.kl_weight, self.perceptual_weight, self.adversarial_weight = kl_weight, perceptual_weight, adversarial_weight
+        self.kl_weight, self.perceptual_weight, self.adversarial_weight = (
+            kl_weight,
+            perceptual_weight,
+            adversarial_weight,
+        )
         self.adversarial_warmup_iterations, self.referee = adversarial_warmup_iterations, referee
         self.output_activation, self.image_key = output_activation, image_key
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -451,10 +457,12 @@ class SpadeGanTrainer(GanTrainerBase):
     ``MultiScalePatchDiscriminator`` with every loss of the brainSPADE chapter (Eqs. 1.4-1.7):
 
     ``L_G = hinge_G + feature_weight * L_feat + kld_weight * L_KLD + perceptual_weight * L_perc
-    + consistency_weight * L_cont + contrast_weight * CE(C(fake), contrast) + dataset_weight * CE(C(fake), dataset)``
+    + consistency_weight * L_cont + contrast_weight * CE(C(fake), contrast) + dataset_weight * CE(C(fake), dataset)
+    + reconstruction_weight * mean|fake - image|``
 
-    then one discriminator step ``hinge_D(D(real), D(fake))``. The discriminator sees ``one_hot(argmax(label))``
-    concatenated with the image (a hard label, as the SPADE repositories), the generator the soft label map.
+    (the last term is not in the chapter; its weight is 0 there), then one discriminator step
+    ``hinge_D(D(real), D(fake))``. The discriminator sees ``one_hot(argmax(label))`` concatenated with the image (a
+    hard label, as the SPADE repositories), the generator the soft label map.
     ``L_cont = 1 - cos(mu(style), mu(augment(style)))`` (slice consistency under a random affine of the style).
     The contrast classifier ``C`` (2D slices) is frozen; in 3D it is not used (weights 0, as the chapter).
 
@@ -469,6 +477,8 @@ class SpadeGanTrainer(GanTrainerBase):
             ``consistency_weight > 0``.
         classifier: frozen :class:`~medgen_common.networks.ContrastClassifier`, needed when ``contrast_weight`` or
             ``dataset_weight`` > 0.
+        reconstruction_weight: weight of the L1 distance to the label's own image (a pix2pix-style term that speeds
+            up short trainings; 0 in the chapter).
         grad_clip_norm: gradient-norm clip of both networks, or None.
         device, max_epochs, train_data_loader, epoch_length, train_handlers, amp: as MONAI's ``Trainer``.
 
@@ -493,6 +503,7 @@ class SpadeGanTrainer(GanTrainerBase):
         classifier: nn.Module | None = None,
         contrast_weight: float = 0.0,
         dataset_weight: float = 0.0,
+        reconstruction_weight: float = 0.0,
         grad_clip_norm: float | None = None,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
@@ -503,6 +514,8 @@ class SpadeGanTrainer(GanTrainerBase):
             device, max_epochs, train_data_loader, (g_optimizer, d_optimizer), grad_clip_norm, epoch_length,
             train_handlers, amp, nonfinite_loss,
         )  # fmt: skip
+        if reconstruction_weight < 0:
+            raise ValueError(f"reconstruction_weight must be >= 0, got {reconstruction_weight}.")
         if consistency_weight > 0 and style_augmentation is None:
             raise ValueError("consistency_weight > 0 needs a style_augmentation (e.g. monai.transforms.RandAffine).")
         if (contrast_weight > 0 or dataset_weight > 0) and classifier is None:
@@ -513,6 +526,7 @@ class SpadeGanTrainer(GanTrainerBase):
         self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
         self.style_augmentation, self.consistency_weight = style_augmentation, consistency_weight
         self.classifier, self.contrast_weight, self.dataset_weight = classifier, contrast_weight, dataset_weight
+        self.reconstruction_weight = reconstruction_weight
         if classifier is not None:
             classifier.requires_grad_(False)
 
@@ -558,14 +572,18 @@ class SpadeGanTrainer(GanTrainerBase):
             )
             consistency = zero
             if self.consistency_weight > 0:
-                augmented = torch.stack([convert_to_tensor(self.style_augmentation(style), track_meta=False) for style in styles])
+                augmented = torch.stack(
+                    [convert_to_tensor(self.style_augmentation(style), track_meta=False) for style in styles]
+                )
                 encoder = getattr(self.generator, "module", self.generator)  # the network inside a DDP wrapper
                 consistency = style_consistency_loss(mu, encoder.encode(augmented.to(device))[0])
             contrast, dataset = self._classifier_losses(fake, batchdata, device)
+            reconstruction = (fake.float() - images).abs().mean()
             generator_loss = (
                 adversarial + self.feature_weight * features + self.kld_weight * kld
                 + self.perceptual_weight * perceptual + self.consistency_weight * consistency
                 + self.contrast_weight * contrast + self.dataset_weight * dataset
+                + self.reconstruction_weight * reconstruction
             )  # fmt: skip
         self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
 
@@ -585,6 +603,7 @@ class SpadeGanTrainer(GanTrainerBase):
             "consistency": consistency.detach(),
             "contrast": contrast.detach(),
             "dataset": dataset.detach(),
+            "reconstruction": reconstruction.detach(),
             "discriminator": discriminator_loss.detach(),
         }
 
@@ -645,7 +664,14 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
             raise ValueError("give tumour_discriminator and tumour_optimizer together, or neither.")
         optimizers = [o for o in (g_optimizer, global_optimizer, tumour_optimizer) if o is not None]
         super().__init__(
-            device, max_epochs, train_data_loader, optimizers, grad_clip_norm, epoch_length, train_handlers, amp,
+            device,
+            max_epochs,
+            train_data_loader,
+            optimizers,
+            grad_clip_norm,
+            epoch_length,
+            train_handlers,
+            amp,
             nonfinite_loss,
         )
         self.generator, self.global_discriminator, self.tumour_discriminator = (
@@ -660,8 +686,12 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
         discriminator.requires_grad_(True)  # frozen by the previous generator step
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            real = self.adversarial_loss(discriminator(real_pair)[-1].float(), target_is_real=True, for_discriminator=True)
-            fake = self.adversarial_loss(discriminator(fake_pair)[-1].float(), target_is_real=False, for_discriminator=True)
+            real = self.adversarial_loss(
+                discriminator(real_pair)[-1].float(), target_is_real=True, for_discriminator=True
+            )
+            fake = self.adversarial_loss(
+                discriminator(fake_pair)[-1].float(), target_is_real=False, for_discriminator=True
+            )
             loss = 0.5 * (real + fake)
         self.optimizer_step(loss, discriminator, optimizer, name)
         return loss.detach()
@@ -703,7 +733,9 @@ class BiDiscriminatorPix2PixTrainer(GanTrainerBase):
             adversarial_tumour = zero
             if self.tumour_discriminator is not None:
                 fake_crop = crop_boxes(fake, boxes, self.crop_size)
-                adversarial_tumour = self._generator_adversarial(self.tumour_discriminator, torch.cat([bmode_crop, fake_crop], 1))
+                adversarial_tumour = self._generator_adversarial(
+                    self.tumour_discriminator, torch.cat([bmode_crop, fake_crop], 1)
+                )
             generator_loss = self.l1_weight * l1 + adversarial_global + adversarial_tumour
         self.optimizer_step(generator_loss, self.generator, self.g_optimizer, "generator")
         return {

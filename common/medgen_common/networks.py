@@ -39,6 +39,9 @@ class StyleSpadeGenerator(nn.Module):
         spade_intermediate_channels: hidden width of the SPADE normalisation's label MLP.
         out_channels: image channels.
         norm: normalisation of encoder and decoder (``"INSTANCE"`` as the brainSPADE repositories).
+        background_channel: label channel of the background; the output is 0 wherever the label map's most probable
+            channel is this one, as in skull-stripped training images (else a segmenter z-scoring the non-zero
+            voxels normalises a synthetic image over its whole frame). None: no mask.
     """
 
     def __init__(
@@ -53,14 +56,18 @@ class StyleSpadeGenerator(nn.Module):
         spade_intermediate_channels: int = 128,
         out_channels: int = 1,
         norm: str = "INSTANCE",
+        background_channel: int | None = None,
     ):
         super().__init__()
+        if background_channel is not None and not 0 <= background_channel < label_nc:
+            raise ValueError(f"background_channel must be in [0, {label_nc}) or None, got {background_channel}.")
         if spatial_dims not in (2, 3) or len(image_shape) != spatial_dims or len(style_shape) != 2:
             raise ValueError(
                 f"need spatial_dims 2 or 3 with an image_shape of that length and a 2D style_shape, got "
                 f"spatial_dims={spatial_dims}, image_shape={list(image_shape)}, style_shape={list(style_shape)}."
             )
         self.spatial_dims, self.label_nc, self.z_dim = spatial_dims, label_nc, z_dim
+        self.background_channel = background_channel
         # MONAI's SPADE classes append to the channel list they are given: hand them fresh copies
         self.encoder = SPADEEncoder(
             spatial_dims=2, in_channels=1, z_dim=z_dim, channels=list(encoder_channels),
@@ -86,7 +93,10 @@ class StyleSpadeGenerator(nn.Module):
         """Label map ``[B, label_nc, *image_shape]`` and style code ``[B, z_dim]`` -> image."""
         if label.shape[1] != self.label_nc:
             raise ValueError(f"label map has {label.shape[1]} channels, the generator expects {self.label_nc}.")
-        return self.decoder(label, z)  # z always given: MONAI's z=None path fails on CPU
+        image = self.decoder(label, z)  # z always given: MONAI's z=None path fails on CPU
+        if self.background_channel is None:
+            return image
+        return image * (label.argmax(1, keepdim=True) != self.background_channel).to(image.dtype)
 
     def forward(self, label: torch.Tensor, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(style)
