@@ -73,8 +73,8 @@ def test_solvers_sample_the_known_posterior_and_count_evaluations(solver, steps,
     _check_posterior(samples, operator, measured)
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0, 3.0, 6.0])
-@pytest.mark.parametrize("steps", [2, 10, 50, 200])
+@pytest.mark.parametrize("power", [0.1, 0.5, 1.0, 2.0, 3.0, 6.0])
+@pytest.mark.parametrize("steps", [2, 10, 50, 200, 999, 1000])
 def test_timestep_spacing_is_distinct_decreasing_and_spans_the_schedule(steps, power):
     timesteps = _timesteps(_prior(), steps, power)
     assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] == 0

@@ -92,8 +92,11 @@ def _timesteps(prior: DiffusionPrior, num_steps: int, spacing_power: float = 1.0
     if spacing_power <= 0:
         raise ValueError(f"spacing_power must be positive, got {spacing_power}.")
     fraction = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64) ** spacing_power
-    timesteps = (fraction * (prior.num_train_timesteps - 1)).round().long().tolist()
-    for i in range(num_steps - 2, -1, -1):  # rounding merges low-noise steps: keep them strictly decreasing
+    rounded = (fraction * (prior.num_train_timesteps - 1)).round().long().tolist()
+    # rounding merges steps (low-noise ones for powers > 1, high-noise ones for powers < 1): leave step i room for
+    # the i steps above it, then keep the sequence strictly decreasing from the end
+    timesteps = [min(t, prior.num_train_timesteps - 1 - i) for i, t in enumerate(rounded)]
+    for i in range(num_steps - 2, -1, -1):
         timesteps[i] = max(timesteps[i], timesteps[i + 1] + 1)
     return timesteps
 
