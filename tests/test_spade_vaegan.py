@@ -191,10 +191,8 @@ def test_style_pairs_draw_the_style_from_other_slices_of_the_same_subject():
     items = make_style_pairs(entries, ["t1", "t2"])
     assert len(items) == 12 and {i["contrast"] for i in items} == {0, 1}
     first = items[0]
-    assert first["image"] == "a_0_t1" and first["style"] == [
-        "a_1_t1",
-        "a_2_t1",
-    ]  # same subject and contrast, not itself
+    # the style is another slice of the same subject and contrast, never the slice itself
+    assert first["image"] == "a_0_t1" and first["style"] == ["a_1_t1", "a_2_t1"]
     assert all(s.startswith(i["subject"]) and s != i["image"] for i in items for s in i["style"])
     assert make_style_pairs(entries, ["t2"], style_from_same_entry=True)[0]["style"] == ["a_0_t2"]  # 3D: own volume
     with pytest.raises(DatalistError, match="single slice"):
